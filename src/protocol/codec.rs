@@ -311,7 +311,7 @@ fn decode_frame(r: &mut Reader) -> Result<Frame, DecodeError> {
             }
             MEM_INLINE => {
                 let len = r.u32("inline length")? as usize;
-                MemoryRef::Inline(r.take(len, "inline data")?.to_vec()
+                MemoryRef::Inline(r.take(len, "inline data")?.to_vec())
             }
             v => return Err(r.bad("memory tag", v as u64)),
         });
