@@ -4,5 +4,37 @@
 //! consumers connect, receive each producer memory's fd once, and then only
 //! small per-frame messages. See `docs/protocol.md` for the wire format and
 //! README.md for usage.
+//!
+//! Layout: [`protocol`] (pure wire format), [`transport`] (sockets),
+//! [`bufsharesink`] and [`bufsharesrc`] (the elements), [`pool`] (buffer pool
+//! over a memory backend), [`memtag`], [`metas`] and [`clock`] (helpers the
+//! elements share). Memory backends live in the `bufshare-backends` crate.
 
+use gst::glib;
+
+pub mod bufsharesink;
+pub mod bufsharesrc;
+pub mod clock;
+pub mod memtag;
+pub mod metas;
+pub mod pool;
 pub mod protocol;
+pub mod transport;
+
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    bufsharesink::register(plugin)?;
+    bufsharesrc::register(plugin)?;
+    Ok(())
+}
+
+gst::plugin_define!(
+    bufshare,
+    env!("CARGO_PKG_DESCRIPTION"),
+    plugin_init,
+    concat!(env!("CARGO_PKG_VERSION"), "-", env!("CARGO_PKG_NAME")),
+    "MPL",
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_NAME"),
+    "https://example.invalid/bufshare",
+    "2026-11-21"
+);

@@ -1,1 +1,416 @@
-//! Unit and property tests of the wire codec.
+//! Unit and property tests of the wire codec. Kind numbers and golden bytes are
+//! written out literally (not taken from the codec) so that any change of the
+//! wire format fails a test; see `docs/protocol.md`.
+
+use super::*;
+use proptest::prelude::*;
+use DecodeError::*;
+
+/// Bytes from hex text; whitespace and `|` are ignored.
+fn hex(s: &str) -> Vec<u8> {
+    let s: Vec<u8> = s.bytes().filter(|c| c.is_ascii_hexdigit()).collect();
+    s.chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+        .collect()
+}
+
+/// A datagram with a correct body_len.
+fn dgram(kind: u16, n_fds: u16, body: &[u8]) -> Vec<u8> {
+    let len = (body.len() as u32).to_le_bytes();
+    [&kind.to_le_bytes()[..], &n_fds.to_le_bytes(), &len, body].concat()
+}
+
+/// The header of `enc` with only the first `n` body bytes.
+fn cut_body(enc: &[u8], n: usize) -> Vec<u8> {
+    let field = |i: usize| u16::from_le_bytes([enc[i], enc[i + 1]]);
+    dgram(field(0), field(2), &enc[HEADER_LEN..HEADER_LEN + n])
+}
+
+/// Encodes, checks the header fields and the round trip, returns the bytes.
+fn round_trip(m: &Message, kind: u16) -> Vec<u8> {
+    let enc = encode(m);
+    assert_eq!(u16::from_le_bytes([enc[0], enc[1]]), kind, "{}", m.name());
+    assert_eq!(u16::from_le_bytes([enc[2], enc[3]]) as usize, m.fd_count());
+    let body_len = u32::from_le_bytes([enc[4], enc[5], enc[6], enc[7]]) as usize;
+    assert_eq!(body_len, enc.len() - HEADER_LEN);
+    assert_eq!(decode(&enc, m.fd_count()), Ok(m.clone()));
+    enc
+}
+
+// Constructors and error shorthands, kept compact.
+#[rustfmt::skip]
+mod mk {
+    use super::*;
+    pub fn hello(version: u16, role: Role, features: u32) -> Message {
+        Message::Hello(Hello { version, role, features })
+    }
+    pub fn register(mem_id: u64, kind: MemoryKind, size: u64) -> Message {
+        Message::Register(Register { mem_id, kind, size })
+    }
+    pub fn refuse(reason: &str) -> Message { Message::Refuse { reason: reason.into() } }
+    pub fn caps(caps: &str, latency: u64) -> Message {
+        Message::Caps { caps: caps.into(), latency }
+    }
+    pub fn release(frame_ids: Vec<u64>) -> Message { Message::Release { frame_ids } }
+    /// A frame with pts 1 s, no dts, duration 40 ms, no offsets, flags DISCONT.
+    pub fn frame(memories: Vec<MemoryRef>, metas: Vec<Meta>) -> Message {
+        let (frame_id, pts, dts, duration, flags) = (1, 1_000_000_000, NONE, 40_000_000, 0x40);
+        let (offset, offset_end) = (NONE, NONE);
+        let f = Frame { frame_id, pts, dts, duration, offset, offset_end, flags, memories, metas };
+        Message::Frame(f)
+    }
+    pub fn reg(mem_id: u64, offset: u64, size: u64) -> MemoryRef {
+        MemoryRef::Registered { mem_id, offset, size }
+    }
+    pub fn inline(data: &[u8]) -> MemoryRef { MemoryRef::Inline(data.to_vec()) }
+    /// A 64x48 I420 video meta with `planes` planes, 3072 bytes apart from `offset`.
+    pub fn video(planes: usize, offset: u64, stride: i32) -> Meta {
+        let offsets = (0..planes as u64).map(|i| offset.wrapping_add(i * 3072)).collect();
+        let strides = vec![stride; planes];
+        Meta::Video(VideoMeta { format: 2, flags: 0, width: 64, height: 48, offsets, strides })
+    }
+    pub fn custom(name: &str, structure: &str) -> Meta {
+        Meta::Custom { name: name.into(), structure: structure.into() }
+    }
+    pub fn unknown(kind: u16, data: &[u8]) -> Meta { Meta::Unknown { kind, data: data.to_vec() } }
+    type S = &'static str;
+    pub fn trunc(kind: S, field: S) -> DecodeError { Truncated { kind, field } }
+    pub fn bad(kind: S, field: S, value: u64) -> DecodeError { BadValue { kind, field, value } }
+    pub fn fds(header: usize, received: usize, expected: usize) -> DecodeError {
+        FdCountMismatch { header, received, expected }
+    }
+    pub fn trailing(kind: S, extra: usize) -> DecodeError { TrailingBytes { kind, extra } }
+    pub fn utf8(kind: S, field: S) -> DecodeError { BadUtf8 { kind, field } }
+    pub fn mismatch(header: usize, actual: usize) -> DecodeError {
+        LengthMismatch { header, actual }
+    }
+    pub fn too_many(kind: S, field: S, count: usize, max: usize) -> DecodeError {
+        TooMany { kind, field, count, max }
+    }
+}
+use mk::*;
+
+/// Asserts that `datagram`, arriving with `n_fds` fds, fails to decode with `err`.
+#[track_caller]
+fn fails(datagram: &[u8], n_fds: usize, err: DecodeError) {
+    assert_eq!(decode(datagram, n_fds), Err(err));
+}
+
+// Golden encodings, `header | body`. docs/protocol.md shows EOS and FORGET.
+const HELLO_V1_CONSUMER: &str = "0100 0000 10000000 | 4255465348415245 0100 02 00 00000000";
+const EOS: &str = "0800 0000 00000000";
+const FORGET: &str = "0500 0000 08000000 | 0807060504030201";
+const RELEASE: &str = "0700 0000 14000000 | 02000000 0100000000000000 0000000001000000";
+const REGISTER: &str = "0400 0100 14000000 | 0700000000000000 02000000 0010000000000000";
+const CAPS: &str = "0300 0000 0f000000 | 40420f0000000000 03000000 612f62";
+const FRAME: &str = "0600 0000 ae000000 | 0100000000000000 00ca9a3b00000000 ffffffffffffffff
+    005a620200000000 ffffffffffffffff ffffffffffffffff 40000000 0200 0300
+    | 01000000 0500000000000000 1000000000000000 2000000000000000 | 02000000 02000000 aabb
+    | 0100 0000 2c000000 02000000 00000000 40000000 30000000 02000000
+      0000000000000000 40000000 000c000000000000 40000000
+    | 0200 0000 0b000000 01000000 6e 02000000 733b | 3412 0000 01000000 09";
+
+#[test]
+#[rustfmt::skip]
+fn golden_encodings() {
+    assert_eq!(round_trip(&hello(1, Role::Consumer, 0), 1), hex(HELLO_V1_CONSUMER));
+    assert_eq!(round_trip(&Message::Eos, 8), hex(EOS));
+    assert_eq!(round_trip(&Message::Forget { mem_id: 0x0102_0304_0506_0708 }, 5), hex(FORGET));
+    assert_eq!(round_trip(&release(vec![1, 1 << 32]), 7), hex(RELEASE));
+    assert_eq!(round_trip(&register(7, MemoryKind::DmaBuf, 4096), 4), hex(REGISTER));
+    assert_eq!(round_trip(&caps("a/b", 1_000_000), 3), hex(CAPS));
+    let metas = vec![video(2, 0, 64), custom("n", "s;"), unknown(0x1234, &[9])];
+    let m = frame(vec![reg(5, 16, 32), inline(&[0xaa, 0xbb])], metas);
+    assert_eq!(round_trip(&m, 6), hex(FRAME));
+    assert!(matches!(&m, Message::Frame(f) if f.needs_release()));
+}
+
+#[test]
+#[rustfmt::skip]
+fn round_trips() {
+    round_trip(&hello(1, Role::Producer, 0xdead_beef), 1);
+    round_trip(&refuse("protocol version 2, expected 1"), 2);
+    round_trip(&refuse(""), 2);
+    round_trip(&caps("video/x-raw, format=(string)NV12, width=(int)64", NONE), 3);
+    assert_eq!(round_trip(&register(0, MemoryKind::Memfd, u64::MAX), 4)[16], 1, "memfd is kind 1");
+    round_trip(&release(vec![]), 7);
+    round_trip(&release((0..MAX_RELEASE_IDS as u64).collect()), 7);
+    let all_inline = frame(vec![inline(&[1; 3]), inline(&[])], vec![]);
+    assert!(matches!(&all_inline, Message::Frame(f) if !f.needs_release()));
+    round_trip(&all_inline, 6);
+    round_trip(&frame(vec![], vec![]), 6);
+    let metas = vec![video(1, u64::MAX, -64), video(4, 0, 1), custom("", "")];
+    round_trip(&frame(vec![reg(1, u64::MAX - 1, 1); MAX_MEMORIES], metas), 6);
+    let metas = vec![unknown(9, &[]); MAX_METAS];
+    round_trip(&frame(vec![inline(&[0]); MAX_MEMORIES], metas), 6);
+    // Exactly MAX_MESSAGE_LEN bytes: 8 header + 56 fixed frame fields + 8 inline header.
+    let big = frame(vec![inline(&vec![0; MAX_MESSAGE_LEN - 72])], vec![]);
+    assert_eq!(round_trip(&big, 6).len(), MAX_MESSAGE_LEN);
+}
+
+#[test]
+fn version_2_hello_still_decodes() {
+    // The codec accepts any version: the session layer refuses it, naming both.
+    let v2 = hello(2, Role::Producer, 0);
+    assert_eq!(decode(&encode(&v2), 0), Ok(v2));
+    // The reserved byte (0x55 here) and unknown feature bits are ignored.
+    let v2 = hex("0100 0000 10000000 | 4255465348415245 0200 02 55 ffffffff");
+    assert_eq!(decode(&v2, 0), Ok(hello(2, Role::Consumer, u32::MAX)));
+}
+
+#[test]
+#[rustfmt::skip]
+fn unknown_meta_kind_is_kept() {
+    // A frame with no memories and one meta of kind 0xbeef (reserved field 7 is ignored).
+    let body = [&[0u8; 52][..], &hex("0000 0100 | efbe 0700 03000000 78797a")].concat();
+    let Ok(Message::Frame(f)) = decode(&dgram(6, 0, &body), 0) else { panic!("not a frame") };
+    assert_eq!(f.metas, vec![unknown(0xbeef, b"xyz")]);
+    let metas = vec![video(1, 0, 8), unknown(0, &[]), unknown(u16::MAX, &[1; 40]), video(3, 0, 8)];
+    round_trip(&frame(vec![], metas), 6);
+}
+
+#[test]
+#[rustfmt::skip]
+fn header_errors() {
+    fails(&[], 0, ShortHeader(0));
+    fails(&hex("0800 0000 000000"), 0, ShortHeader(7));
+    fails(&hex("0800 0000 01000000"), 0, mismatch(1, 0));
+    fails(&hex("0800 0000 00000000 00"), 0, mismatch(0, 1));
+    fails(&hex("0500 0000 09000000 0000000000000000"), 0, mismatch(9, 8));
+    fails(&hex("0500 0000 07000000 0000000000000000"), 0, mismatch(7, 8));
+    fails(&hex("0500 0000 ffffffff 0000000000000000"), 0, mismatch(u32::MAX as usize, 8));
+    for kind in [0, 9, 0xffff] {
+        fails(&dgram(kind, 0, &[1]), 0, UnknownKind(kind));
+    }
+    fails(&vec![0; MAX_MESSAGE_LEN + 1], 0, TooLong(MAX_MESSAGE_LEN + 1));
+    let big = frame(vec![inline(&vec![0; MAX_MESSAGE_LEN])], vec![]);
+    fails(&encode(&big), 0, TooLong(MAX_MESSAGE_LEN + 72));
+}
+
+#[test]
+#[rustfmt::skip]
+fn fd_count_errors() {
+    let (r, f) = (hex(REGISTER), hex(FRAME));
+    fails(&r, 0, fds(1, 0, 1)); // REGISTER whose fd did not arrive
+    fails(&r, 2, fds(1, 2, 1));
+    fails(&[&hex("0400 0000")[..], &r[4..]].concat(), 0, fds(0, 0, 1)); // REGISTER, header says 0
+    fails(&f, 1, fds(0, 1, 0)); // FRAME that came with an fd
+    fails(&[&hex("0600 0100")[..], &f[4..]].concat(), 1, fds(1, 1, 0)); // FRAME, header says 1
+    fails(&hex(EOS), 1, fds(0, 1, 0));
+}
+
+#[test]
+#[rustfmt::skip]
+fn hello_errors() {
+    let enc = hex(HELLO_V1_CONSUMER);
+    let mut magic = enc.clone();
+    magic[8] = b'b';
+    fails(&magic, 0, BadMagic);
+    for role in [0u8, 3, 255] {
+        let mut e = enc.clone();
+        e[18] = role;
+        fails(&e, 0, bad("HELLO", "role", role as u64));
+    }
+    let cuts = [(4, "magic"), (9, "version"), (10, "role"), (11, "reserved"), (15, "features")];
+    for (n, field) in cuts {
+        fails(&cut_body(&enc, n), 0, trunc("HELLO", field));
+    }
+    fails(&dgram(1, 0, &[&enc[HEADER_LEN..], &[0]].concat()), 0, trailing("HELLO", 1));
+}
+
+#[test]
+#[rustfmt::skip]
+fn body_errors() {
+    let mut r = hex(REGISTER);
+    for kind in [0u8, 3] {
+        r[16] = kind;
+        fails(&r, 1, bad("REGISTER", "memory kind", kind as u64));
+    }
+    fails(&cut_body(&hex(REGISTER), 8), 1, trunc("REGISTER", "memory kind"));
+    fails(&cut_body(&hex(REGISTER), 19), 1, trunc("REGISTER", "size"));
+    fails(&dgram(8, 0, &[0]), 0, trailing("EOS", 1));
+    fails(&dgram(5, 0, &[0; 11]), 0, trailing("FORGET", 3));
+    fails(&dgram(5, 0, &[0; 7]), 0, trunc("FORGET", "mem_id"));
+    fails(&dgram(2, 0, &hex("05000000 61")), 0, trunc("REFUSE", "reason"));
+    let c = hex("0000000000000000 02000000 fffe");
+    fails(&dgram(3, 0, &c), 0, utf8("CAPS", "caps"));
+    fails(&dgram(3, 0, &c[..10]), 0, trunc("CAPS", "caps"));
+    fails(&dgram(3, 0, &c[..7]), 0, trunc("CAPS", "latency"));
+    let c = hex("0000000000000000 03000000 e282 00"); // cut multi-byte sequence
+    fails(&dgram(3, 0, &c), 0, utf8("CAPS", "caps"));
+    fails(&dgram(2, 0, &c[8..]), 0, utf8("REFUSE", "reason"));
+    fails(&cut_body(&hex(RELEASE), 12), 0, trunc("RELEASE", "frame id"));
+    fails(&cut_body(&hex(RELEASE), 3), 0, trunc("RELEASE", "count"));
+    let many = |n| too_many("RELEASE", "frame ids", n, MAX_RELEASE_IDS);
+    fails(&encode(&release(vec![0; MAX_RELEASE_IDS + 1])), 0, many(MAX_RELEASE_IDS + 1));
+    fails(&dgram(7, 0, &u32::MAX.to_le_bytes()), 0, many(u32::MAX as usize));
+}
+
+#[test]
+#[rustfmt::skip]
+fn frame_errors() {
+    let enc = encode(&frame(vec![reg(1, 0, 8), inline(&[1, 2, 3])], vec![video(1, 0, 64)]));
+    assert_eq!(enc.len(), HEADER_LEN + 135);
+    let cuts = [
+        (0, "frame_id"), (9, "pts"), (23, "dts"), (31, "duration"), (39, "offset"),
+        (47, "offset_end"), (48, "flags"), (52, "memory count"), (54, "meta count"),
+        (56, "memory tag"), (60, "mem_id"), (70, "memory offset"), (83, "memory size"),
+        (84, "memory tag"), (88, "inline length"), (92, "inline data"), (94, "inline data"),
+        (95, "meta kind"), (97, "meta reserved"), (99, "meta length"), (103, "meta data"),
+        (134, "meta data"),
+    ];
+    for (n, field) in cuts {
+        assert_eq!(decode(&cut_body(&enc, n), 0), Err(trunc("FRAME", field)), "cut at {n}");
+    }
+    let mut tag = enc.clone();
+    tag[HEADER_LEN + 56] = 3;
+    fails(&tag, 0, bad("FRAME", "memory tag", 3));
+    fails(&dgram(6, 0, &[&enc[HEADER_LEN..], &[0, 0]].concat()), 0, trailing("FRAME", 2));
+    let overflow = |off, size| encode(&frame(vec![reg(1, off, size)], vec![]));
+    fails(&overflow(u64::MAX, 1), 0, bad("FRAME", "memory offset+size", u64::MAX));
+    fails(&overflow(1 << 63, 1 << 63), 0, bad("FRAME", "memory offset+size", 1 << 63));
+    let mems = encode(&frame(vec![inline(&[]); MAX_MEMORIES + 1], vec![]));
+    fails(&mems, 0, too_many("FRAME", "memories", MAX_MEMORIES + 1, MAX_MEMORIES));
+    let metas = encode(&frame(vec![], vec![unknown(9, &[]); MAX_METAS + 1]));
+    fails(&metas, 0, too_many("FRAME", "metas", MAX_METAS + 1, MAX_METAS));
+    for planes in [0, 5] {
+        let enc = encode(&frame(vec![], vec![video(planes, 0, 64)]));
+        fails(&enc, 0, bad("video meta", "plane count", planes as u64));
+    }
+    // A video meta TLV one byte longer than its one plane needs, then one byte shorter.
+    let mut body = encode(&frame(vec![], vec![video(1, 0, 64)]))[HEADER_LEN..].to_vec();
+    body[60] += 1;
+    body.push(0);
+    fails(&dgram(6, 0, &body), 0, trailing("video meta", 1));
+    let short = [&body[..60], &hex("1f000000"), &body[64..95]].concat();
+    fails(&dgram(6, 0, &short), 0, trunc("video meta", "plane stride"));
+    let bad_name = [&[0u8; 54][..], &hex("0100 | 0200 0000 05000000 01000000 c3")].concat();
+    fails(&dgram(6, 0, &bad_name), 0, utf8("custom meta", "name"));
+    let trailing_custom = encode(&frame(vec![], vec![unknown(2, &hex("00000000 00000000 00"))]));
+    fails(&trailing_custom, 0, trailing("custom meta", 1));
+}
+
+fn arb_ts() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(NONE), Just(0u64), any::<u64>()]
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..max)
+}
+
+fn arb_memref() -> impl Strategy<Value = MemoryRef> {
+    let registered = (any::<u64>(), any::<u64>())
+        .prop_flat_map(|(id, off)| (Just(id), Just(off), 0..=u64::MAX - off))
+        .prop_map(|(id, off, size)| reg(id, off, size));
+    prop_oneof![registered, bytes(48).prop_map(MemoryRef::Inline)]
+}
+
+#[rustfmt::skip]
+fn arb_metas() -> impl Strategy<Value = Vec<Meta>> {
+    use prop::collection::vec;
+    let planes = (1..=MAX_PLANES).prop_flat_map(|n| (vec(any::<u64>(), n), vec(any::<i32>(), n)));
+    let video = (any::<[u32; 4]>(), planes).prop_map(|([format, flags, width, height], (o, s))| {
+        Meta::Video(VideoMeta { format, flags, width, height, offsets: o, strides: s })
+    });
+    let custom = ("\\PC{0,12}", "\\PC{0,24}").prop_map(|(n, s)| custom(&n, &s));
+    // Kinds 1 and 2 are the known kinds: they never decode as Unknown.
+    let kind = any::<u16>().prop_filter("known kind", |k| *k != 1 && *k != 2);
+    let unknown = (kind, bytes(32)).prop_map(|(k, d)| unknown(k, &d));
+    (vec(video, 0..=4), vec(custom, 0..=4), vec(unknown, 0..=4))
+        .prop_map(|(a, b, c)| [a, b, c].concat())
+        .prop_shuffle()
+}
+
+#[rustfmt::skip]
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    let ts = (any::<u64>(), [arb_ts(), arb_ts(), arb_ts(), arb_ts(), arb_ts()], any::<u32>());
+    let memories = prop::collection::vec(arb_memref(), 0..=MAX_MEMORIES);
+    (ts, memories, arb_metas()).prop_map(|((frame_id, ts, flags), memories, metas)| {
+        let [pts, dts, duration, offset, offset_end] = ts;
+        Frame { frame_id, pts, dts, duration, offset, offset_end, flags, memories, metas }
+    })
+}
+
+#[rustfmt::skip]
+fn arb_message() -> impl Strategy<Value = Message> {
+    let role = prop_oneof![Just(Role::Producer), Just(Role::Consumer)];
+    let mem_kind = prop_oneof![Just(MemoryKind::Memfd), Just(MemoryKind::DmaBuf)];
+    prop_oneof![
+        1 => (any::<u16>(), role, any::<u32>()).prop_map(|(v, r, f)| hello(v, r, f)),
+        1 => "\\PC{0,64}".prop_map(|reason| refuse(&reason)),
+        1 => ("\\PC{0,128}", any::<u64>()).prop_map(|(c, latency)| caps(&c, latency)),
+        1 => (any::<u64>(), mem_kind, any::<u64>()).prop_map(|(id, k, size)| register(id, k, size)),
+        1 => any::<u64>().prop_map(|mem_id| Message::Forget { mem_id }),
+        5 => arb_frame().prop_map(Message::Frame),
+        1 => prop::collection::vec(any::<u64>(), 0..=MAX_RELEASE_IDS).prop_map(release),
+        1 => Just(Message::Eos),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(usize, u8),
+    Truncate(usize),
+    Extend(Vec<u8>),
+}
+
+fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        3 => (any::<usize>(), 1..=255u8).prop_map(|(i, x)| Mutation::Flip(i, x)),
+        1 => any::<usize>().prop_map(Mutation::Truncate),
+        1 => bytes(16).prop_map(Mutation::Extend),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn prop_round_trip(m in arb_message()) {
+        let enc = encode(&m);
+        prop_assert!(enc.len() <= MAX_MESSAGE_LEN);
+        prop_assert_eq!(u16::from_le_bytes([enc[2], enc[3]]) as usize, m.fd_count());
+        prop_assert_eq!(decode(&enc, m.fd_count()), Ok(m));
+    }
+
+    #[test]
+    fn prop_random_bytes_never_panic(data in bytes(2048), n in 0..3usize) {
+        if let Err(e) = decode(&data, n) {
+            let _ = e.to_string();
+        }
+    }
+
+    #[test]
+    fn prop_random_body_never_panics(kind in 0..10u16, n in 0..3u16, body in bytes(2048)) {
+        let _ = decode(&dgram(kind, n, &body), n as usize);
+    }
+
+    #[test]
+    fn prop_mutations_never_panic(
+        m in arb_message(),
+        muts in prop::collection::vec(arb_mutation(), 1..8),
+        fix_len in any::<bool>(),
+        n in 0..3usize,
+    ) {
+        let mut enc = encode(&m);
+        for mutation in muts {
+            match mutation {
+                Mutation::Flip(i, x) if !enc.is_empty() => {
+                    let len = enc.len();
+                    enc[i % len] ^= x
+                }
+                Mutation::Flip(..) => {}
+                Mutation::Truncate(i) => enc.truncate(i % (enc.len() + 1)),
+                Mutation::Extend(tail) => enc.extend_from_slice(&tail),
+            }
+        }
+        if fix_len && enc.len() >= HEADER_LEN {
+            // Keep body_len consistent so that the body decoders get exercised.
+            let len = (enc.len() - HEADER_LEN) as u32;
+            enc[4..8].copy_from_slice(&len.to_le_bytes());
+        }
+        for n in [n, m.fd_count()] {
+            if let Err(e) = decode(&enc, n) {
+                let _ = e.to_string();
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! `bufsharesink`: serves every buffer it renders to any number of
+//! `bufsharesrc` consumers on a UNIX socket, without copying frames.
+//!
+//! `imp.rs` is the element (properties, GstBaseSink vfuncs, preparing each
+//! buffer); `server.rs` is the fan-out core and its I/O thread.
+
+use gst::glib;
+use gst::prelude::*;
+
+mod imp;
+pub mod server;
+
+glib::wrapper! {
+    pub struct BufShareSink(ObjectSubclass<imp::BufShareSink>)
+        @extends gst_base::BaseSink, gst::Element, gst::Object;
+}
+
+pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    gst::Element::register(
+        Some(plugin),
+        "bufsharesink",
+        gst::Rank::NONE,
+        BufShareSink::static_type(),
+    )
+}

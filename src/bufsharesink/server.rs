@@ -1,0 +1,645 @@
+//! The fan-out core of bufsharesink: the consumers, what each has been sent
+//! and holds, and the I/O thread that serves the socket.
+//!
+//! Two threads touch a [`Server`]:
+//! - the streaming thread calls [`Server::send_frame`] (and caps/EOS). It only
+//!   does non-blocking sends; a consumer whose socket is full, or that already
+//!   holds `max_inflight` frames, is skipped for that frame (latest wins).
+//! - the I/O thread accepts consumers, does the handshake, reads RELEASE
+//!   messages, sends FORGET when a producer memory dies, flushes control
+//!   messages that did not fit, and drops consumers that leave or misbehave.
+//!
+//! A consumer's frames are held (a `gst::Buffer` reference each) until it
+//! releases them or goes away, so upstream pool buffers come back exactly
+//! when no consumer needs them any more.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::memtag::ForgetListener;
+use crate::protocol::{self, Hello, Message, Register, Role};
+use crate::transport::unix::{wait, Listener, UnixChannel, Waker};
+use crate::transport::{Channel, Received};
+
+/// A consumer must send its HELLO within this time after connecting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control messages queued for a consumer that does not read; past this it is dropped.
+const MAX_QUEUED_MESSAGES: usize = 512;
+
+/// One memory of a frame, as the streaming thread prepared it.
+#[derive(Debug, Clone)]
+pub struct SharedMemory {
+    pub mem_id: u64,
+    pub kind: protocol::MemoryKind,
+    /// Size of the fd's memory that frames may address (REGISTER's size).
+    pub fd_size: u64,
+    /// Valid as long as the frame's buffer is alive.
+    pub raw_fd: RawFd,
+}
+
+/// A frame ready to fan out: the message, the memories it names, and the
+/// buffer that keeps them alive while consumers hold the frame.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub buffer: gst::Buffer,
+    pub frame: protocol::Frame,
+    pub memories: Vec<SharedMemory>,
+}
+
+/// Things that happened, for the element to report outside the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Connected { client_id: u64, pid: Option<i32> },
+    Disconnected { client_id: u64, reason: String, warn: bool },
+}
+
+/// Counters for the `stats` property.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStats {
+    pub client_id: u64,
+    pub pid: Option<i32>,
+    pub frames_sent: u64,
+    pub frames_dropped: u64,
+    pub frames_in_flight: u32,
+    pub memories_registered: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    AwaitingHello { since: Instant },
+    Active,
+}
+
+struct Client {
+    id: u64,
+    channel: UnixChannel,
+    pid: Option<i32>,
+    phase: Phase,
+    /// Memory ids this consumer has been sent REGISTER for.
+    registered: HashSet<u64>,
+    /// Frames it holds, by frame id.
+    inflight: HashMap<u64, gst::Buffer>,
+    /// Control messages that did not fit in the socket, in order.
+    queued: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
+    frames_sent: u64,
+    frames_dropped: u64,
+    /// Set when the consumer must go; the I/O thread removes it.
+    dead: Option<(String, bool)>,
+}
+
+impl Client {
+    /// Sends a control message now, or queues it behind earlier ones.
+    fn send_control(&mut self, msg: &Message, fd: Option<BorrowedFd<'_>>) {
+        if self.dead.is_some() {
+            return;
+        }
+        let bytes = protocol::encode(msg);
+        if self.queued.is_empty() {
+            let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+            match self.channel.send(&bytes, &fds) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.kill(format!("sending {} failed: {e}", msg.name()), false);
+                    return;
+                }
+            }
+        }
+        if self.queued.len() >= MAX_QUEUED_MESSAGES {
+            self.kill(
+                format!("not reading: {MAX_QUEUED_MESSAGES} control messages queued"),
+                true,
+            );
+            return;
+        }
+        let owned = match fd.map(|fd| fd.try_clone_to_owned()).transpose() {
+            Ok(owned) => owned,
+            Err(e) => {
+                self.kill(format!("cannot keep fd for a queued message: {e}"), true);
+                return;
+            }
+        };
+        self.queued.push_back((bytes, owned));
+    }
+
+    /// Sends what was queued, as far as the socket takes it.
+    fn flush(&mut self) {
+        while let Some((bytes, fd)) = self.queued.front() {
+            let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+            match self.channel.send(bytes, &fds) {
+                Ok(()) => {
+                    self.queued.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.kill(format!("send failed: {e}"), false);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self, reason: String, warn: bool) {
+        if self.dead.is_none() {
+            self.dead = Some((reason, warn));
+        }
+    }
+
+    fn stats(&self) -> ClientStats {
+        ClientStats {
+            client_id: self.id,
+            pid: self.pid,
+            frames_sent: self.frames_sent,
+            frames_dropped: self.frames_dropped,
+            frames_in_flight: self.inflight.len() as u32,
+            memories_registered: self.registered.len() as u64,
+        }
+    }
+}
+
+/// What the sink knows about the stream, sent to every consumer that joins.
+#[derive(Debug, Default, Clone)]
+struct StreamState {
+    caps: Option<String>,
+    latency: u64,
+    eos: bool,
+}
+
+struct State {
+    listener: Listener,
+    clients: Vec<Client>,
+    next_client_id: u64,
+    stream: StreamState,
+    max_inflight: usize,
+    frames_rendered: u64,
+}
+
+/// State shared with the memory-freed callback; has its own small lock so that
+/// callbacks from any thread never wait on the server.
+#[derive(Default)]
+struct Registry {
+    /// Ids of memories this sink has tagged and that are still alive.
+    known: HashSet<u64>,
+    /// Ids whose memory was freed, waiting for FORGET to go out.
+    freed: Vec<u64>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    registry: Mutex<Registry>,
+    waker: Waker,
+    stop: AtomicBool,
+    events: Box<dyn Fn(Vec<Event>) + Send + Sync>,
+}
+
+impl ForgetListener for Shared {
+    fn memory_freed(&self, mem_id: u64) {
+        let mut reg = lock(&self.registry);
+        if reg.known.remove(&mem_id) {
+            reg.freed.push(mem_id);
+            self.waker.wake();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves one socket. Dropping it stops the I/O thread, disconnects every
+/// consumer, releases every held frame and removes the socket file.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener_forget: Arc<dyn ForgetListener>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts serving on a bound listener. `events` is called from the I/O
+    /// thread, without locks held, with what happened.
+    pub fn start(
+        listener: Listener,
+        max_inflight: usize,
+        events: impl Fn(Vec<Event>) + Send + Sync + 'static,
+    ) -> std::io::Result<Server> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                listener,
+                clients: Vec::new(),
+                next_client_id: 1,
+                stream: StreamState::default(),
+                max_inflight,
+                frames_rendered: 0,
+            }),
+            registry: Mutex::new(Registry::default()),
+            waker: Waker::new()?,
+            stop: AtomicBool::new(false),
+            events: Box::new(events),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("bufsharesink-io".into())
+            .spawn(move || io_loop(&thread_shared))?;
+        let listener_forget: Arc<dyn ForgetListener> = shared.clone();
+        Ok(Server {
+            shared,
+            listener_forget,
+            thread: Some(thread),
+        })
+    }
+
+    /// What memtag calls back when a tagged memory dies.
+    pub fn forget_listener(&self) -> &Arc<dyn ForgetListener> {
+        &self.listener_forget
+    }
+
+    /// Records that this sink tagged `mem_id`; true the first time (subscribe then).
+    pub fn note_memory(&self, mem_id: u64) -> bool {
+        lock(&self.shared.registry).known.insert(mem_id)
+    }
+
+    pub fn set_max_inflight(&self, max: usize) {
+        lock(&self.shared.state).max_inflight = max.max(1);
+    }
+
+    /// New caps (or a new latency): every active consumer gets CAPS now,
+    /// later ones when they join.
+    pub fn set_caps(&self, caps: Option<String>, latency: u64) {
+        let mut state = lock(&self.shared.state);
+        state.stream.caps = caps;
+        state.stream.latency = latency;
+        if let Some(caps) = state.stream.caps.clone() {
+            let msg = Message::Caps { caps, latency };
+            for c in state.clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+                c.send_control(&msg, None);
+            }
+        }
+        drop(state);
+        self.shared.waker.wake();
+    }
+
+    pub fn latency(&self) -> u64 {
+        lock(&self.shared.state).stream.latency
+    }
+
+    pub fn send_eos(&self) {
+        let mut state = lock(&self.shared.state);
+        state.stream.eos = true;
+        for c in state.clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+            c.send_control(&Message::Eos, None);
+        }
+        drop(state);
+        self.shared.waker.wake();
+    }
+
+    /// A new stream starts after EOS (flush or stream-start).
+    pub fn clear_eos(&self) {
+        lock(&self.shared.state).stream.eos = false;
+    }
+
+    /// Fans `out` out to every active consumer that has room. Never blocks.
+    pub fn send_frame(&self, out: Outgoing) {
+        let mut guard = lock(&self.shared.state);
+        let state = &mut *guard;
+        state.frames_rendered += 1;
+        forget_freed(&self.shared, &mut state.clients);
+        let needs_release = out.frame.needs_release();
+        let frame_bytes = protocol::encode(&Message::Frame(out.frame));
+        let frame_id = out_frame_id(&frame_bytes);
+        let mut any_dead = false;
+        for client in state.clients.iter_mut() {
+            if client.phase != Phase::Active || client.dead.is_some() {
+                continue;
+            }
+            client.flush();
+            if !client.queued.is_empty()
+                || (needs_release && client.inflight.len() >= state.max_inflight)
+            {
+                client.frames_dropped += 1;
+                continue;
+            }
+            for m in &out.memories {
+                if client.registered.insert(m.mem_id) {
+                    let reg = Message::Register(Register {
+                        mem_id: m.mem_id,
+                        kind: m.kind,
+                        size: m.fd_size,
+                    });
+                    // SAFETY: the fd belongs to a memory of `out.buffer`, alive here.
+                    let fd = unsafe { BorrowedFd::borrow_raw(m.raw_fd) };
+                    client.send_control(&reg, Some(fd));
+                }
+            }
+            if !client.queued.is_empty() {
+                // The registration waits in the queue; this frame cannot overtake it.
+                client.frames_dropped += 1;
+                continue;
+            }
+            match client.channel.send(&frame_bytes, &[]) {
+                Ok(()) => {
+                    client.frames_sent += 1;
+                    if needs_release {
+                        client.inflight.insert(frame_id, out.buffer.clone());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.frames_dropped += 1,
+                Err(e) => client.kill(format!("sending a frame failed: {e}"), false),
+            }
+            any_dead |= client.dead.is_some();
+        }
+        drop(guard);
+        if any_dead {
+            self.shared.waker.wake();
+        }
+    }
+
+    pub fn num_clients(&self) -> usize {
+        lock(&self.shared.state)
+            .clients
+            .iter()
+            .filter(|c| c.phase == Phase::Active)
+            .count()
+    }
+
+    pub fn frames_rendered(&self) -> u64 {
+        lock(&self.shared.state).frames_rendered
+    }
+
+    pub fn client_stats(&self) -> Vec<ClientStats> {
+        lock(&self.shared.state)
+            .clients
+            .iter()
+            .filter(|c| c.phase == Phase::Active)
+            .map(Client::stats)
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let clients = std::mem::take(&mut lock(&self.shared.state).clients);
+        for c in &clients {
+            c.channel.shutdown();
+        }
+        // Dropping the clients drops every frame they held.
+        drop(clients);
+    }
+}
+
+/// The frame id sits first in a FRAME body; read it back rather than keep a copy.
+fn out_frame_id(frame_bytes: &[u8]) -> u64 {
+    let b = &frame_bytes[protocol::HEADER_LEN..protocol::HEADER_LEN + 8];
+    u64::from_le_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// Sends FORGET for memories that died since last time.
+fn forget_freed(shared: &Shared, clients: &mut [Client]) {
+    let freed = std::mem::take(&mut lock(&shared.registry).freed);
+    for mem_id in freed {
+        for c in clients.iter_mut() {
+            if c.registered.remove(&mem_id) {
+                c.send_control(&Message::Forget { mem_id }, None);
+            }
+        }
+    }
+}
+
+fn io_loop(shared: &Shared) {
+    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
+    while !shared.stop.load(Ordering::SeqCst) {
+        // Poll the waker, the listener and every client, without holding the lock.
+        let (raw, want_write): (Vec<RawFd>, Vec<bool>) = {
+            let state = lock(&shared.state);
+            let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
+            let mut ww = vec![false, false];
+            for c in &state.clients {
+                raw.push(c.channel.raw_fd());
+                ww.push(!c.queued.is_empty());
+            }
+            (raw, ww)
+        };
+        // SAFETY: only this thread closes client sockets and the listener, and
+        // not before the next iteration; the waker lives as long as `shared`.
+        let fds: Vec<(BorrowedFd<'_>, bool)> = raw
+            .iter()
+            .zip(&want_write)
+            .map(|(fd, w)| (unsafe { BorrowedFd::borrow_raw(*fd) }, *w))
+            .collect();
+        let revents = match wait(&fds, Some(Duration::from_millis(500))) {
+            Ok(r) => r,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        shared.waker.drain();
+        let events = {
+            let mut guard = lock(&shared.state);
+            service(shared, &mut guard, &raw, &revents, &mut buf)
+        };
+        if !events.is_empty() {
+            (shared.events)(events);
+        }
+    }
+}
+
+trait AsRawFdExt {
+    fn as_fd_raw(&self) -> RawFd;
+}
+
+impl<T: AsFd> AsRawFdExt for T {
+    fn as_fd_raw(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// One round of the I/O thread, under the lock.
+fn service(
+    shared: &Shared,
+    state: &mut State,
+    raw: &[RawFd],
+    revents: &[rustix::event::PollFlags],
+    buf: &mut [u8],
+) -> Vec<Event> {
+    use rustix::event::PollFlags;
+    let mut events = Vec::new();
+    forget_freed(shared, &mut state.clients);
+
+    // Clients that were polled, by fd (the list may have changed since).
+    let ready: HashMap<RawFd, PollFlags> = raw.iter().copied().zip(revents.iter().copied()).collect();
+    for client in state.clients.iter_mut() {
+        let Some(flags) = ready.get(&client.channel.raw_fd()) else {
+            continue;
+        };
+        if flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+            read_client(client, &state.stream, buf, &mut events);
+        }
+        if flags.contains(PollFlags::OUT) {
+            client.flush();
+        }
+    }
+    for client in state.clients.iter_mut() {
+        if let Phase::AwaitingHello { since } = client.phase {
+            if since.elapsed() > HANDSHAKE_TIMEOUT {
+                client.kill("no HELLO within 5 s".into(), true);
+            }
+        }
+    }
+
+    // Newcomers.
+    loop {
+        match state.listener.accept() {
+            Ok(Some(channel)) => {
+                let id = state.next_client_id;
+                state.next_client_id += 1;
+                let mut client = Client {
+                    id,
+                    pid: channel.peer_pid(),
+                    channel,
+                    phase: Phase::AwaitingHello {
+                        since: Instant::now(),
+                    },
+                    registered: HashSet::new(),
+                    inflight: HashMap::new(),
+                    queued: VecDeque::new(),
+                    frames_sent: 0,
+                    frames_dropped: 0,
+                    dead: None,
+                };
+                client.send_control(&hello(), None);
+                state.clients.push(client);
+            }
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+
+    // Report handshakes that completed, and drop the dead.
+    let mut i = 0;
+    while i < state.clients.len() {
+        let c = &mut state.clients[i];
+        if let Some((reason, warn)) = c.dead.take() {
+            let c = state.clients.remove(i);
+            let was_active = c.phase == Phase::Active;
+            c.channel.shutdown();
+            if was_active || warn {
+                events.push(Event::Disconnected {
+                    client_id: c.id,
+                    reason,
+                    warn,
+                });
+            }
+            // Dropping `c` releases every frame it held.
+            continue;
+        }
+        i += 1;
+    }
+    events
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        version: protocol::VERSION,
+        role: Role::Producer,
+        features: 0,
+    })
+}
+
+/// Reads everything a client sent.
+fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events: &mut Vec<Event>) {
+    loop {
+        if client.dead.is_some() {
+            return;
+        }
+        let (len, fds) = match client.channel.recv(buf) {
+            Ok(Received::Message { len, fds }) => (len, fds),
+            Ok(Received::Closed) => {
+                client.kill("consumer closed the connection".into(), false);
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                client.kill("consumer closed the connection".into(), false);
+                return;
+            }
+            Err(e) => {
+                client.kill(format!("protocol error: {e}"), true);
+                return;
+            }
+        };
+        let msg = match protocol::decode(&buf[..len], fds.len()) {
+            Ok(m) => m,
+            Err(e) => {
+                client.kill(format!("protocol error: {e}"), true);
+                return;
+            }
+        };
+        drop(fds);
+        match (&client.phase, msg) {
+            (Phase::AwaitingHello { .. }, Message::Hello(h)) => {
+                if h.role != Role::Consumer {
+                    client.kill("peer says it is a producer, not a consumer".into(), true);
+                } else if h.version != protocol::VERSION {
+                    let reason = format!(
+                        "protocol version mismatch: consumer speaks version {}, producer speaks version {}",
+                        h.version,
+                        protocol::VERSION
+                    );
+                    client.send_control(&Message::Refuse { reason: reason.clone() }, None);
+                    client.kill(reason, true);
+                } else {
+                    client.phase = Phase::Active;
+                    if let Some(caps) = &stream.caps {
+                        client.send_control(
+                            &Message::Caps {
+                                caps: caps.clone(),
+                                latency: stream.latency,
+                            },
+                            None,
+                        );
+                    }
+                    if stream.eos {
+                        client.send_control(&Message::Eos, None);
+                    }
+                    events.push(Event::Connected {
+                        client_id: client.id,
+                        pid: client.pid,
+                    });
+                }
+            }
+            (Phase::Active, Message::Release { frame_ids }) => {
+                for id in frame_ids {
+                    if client.inflight.remove(&id).is_none() {
+                        client.kill(
+                            format!("protocol error: RELEASE of frame {id}, which it does not hold"),
+                            true,
+                        );
+                        return;
+                    }
+                }
+            }
+            (phase, msg) => {
+                let when = if *phase == Phase::Active {
+                    "after the handshake"
+                } else {
+                    "before HELLO"
+                };
+                client.kill(
+                    format!("protocol error: consumer sent {} {when}", msg.name()),
+                    true,
+                );
+                return;
+            }
+        }
+    }
+}

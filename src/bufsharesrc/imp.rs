@@ -1,0 +1,329 @@
+//! The bufsharesrc element: settings, start (connect + caps), create (one
+//! frame), negotiation from the producer's caps, latency, unlock.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::base_src::CreateSuccess;
+use gst_base::subclass::prelude::*;
+
+use super::receiver::{Connection, Incoming, ReceiveError};
+use crate::clock::TimeMap;
+use crate::protocol;
+use crate::transport::unix::Waker;
+
+pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "bufsharesrc",
+        gst::DebugColorFlags::empty(),
+        Some("bufshare consumer: receives frames from a bufsharesink"),
+    )
+});
+
+const DEFAULT_TIMEOUT_MS: u64 = 1000;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    socket: Option<String>,
+    timeout_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            socket: None,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    connection: Option<Connection>,
+    caps: Option<gst::Caps>,
+    /// Caps received but not yet set on the pad (set before the next buffer).
+    pending_caps: Option<gst::Caps>,
+    latency: u64,
+}
+
+pub struct BufShareSrc {
+    settings: Mutex<Settings>,
+    state: Mutex<State>,
+    waker: Arc<Waker>,
+    flushing: AtomicBool,
+}
+
+impl Default for BufShareSrc {
+    fn default() -> Self {
+        BufShareSrc {
+            settings: Mutex::new(Settings::default()),
+            state: Mutex::new(State::default()),
+            waker: Arc::new(Waker::new().expect("eventfd")),
+            flushing: AtomicBool::new(false),
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for BufShareSrc {
+    const NAME: &'static str = "GstBufShareSrc";
+    type Type = super::BufShareSrc;
+    type ParentType = gst_base::PushSrc;
+}
+
+impl ObjectImpl for BufShareSrc {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPS: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("socket")
+                    .nick("Socket path")
+                    .blurb("Path of the UNIX socket a bufsharesink serves on (required)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("timeout")
+                    .nick("Timeout (ms)")
+                    .blurb("Milliseconds that start (READY to PAUSED) waits in total for a producer to appear on the socket, complete the handshake and send its caps; past it the element fails with an error saying which of these it was waiting for. It does not bound the wait for frames once streaming.")
+                    .default_value(DEFAULT_TIMEOUT_MS)
+                    .mutable_ready()
+                    .build(),
+            ]
+        });
+        PROPS.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap();
+        match pspec.name() {
+            "socket" => s.socket = value.get().expect("type checked upstream"),
+            "timeout" => s.timeout_ms = value.get().expect("type checked upstream"),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings.lock().unwrap();
+        match pspec.name() {
+            "socket" => s.socket.to_value(),
+            "timeout" => s.timeout_ms.to_value(),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.set_live(true);
+        obj.set_format(gst::Format::Time);
+    }
+}
+
+impl GstObjectImpl for BufShareSrc {}
+
+impl ElementImpl for BufShareSrc {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "bufshare source",
+                "Source/Network",
+                "Receives buffers from a bufsharesink in another process over a UNIX socket, by fd, without copying",
+                "bufshare developers",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            vec![gst::PadTemplate::new(
+                "src",
+                gst::PadDirection::Src,
+                gst::PadPresence::Always,
+                &gst::Caps::new_any(),
+            )
+            .unwrap()]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BufShareSrc {
+    fn is_flushing(&self) -> bool {
+        self.flushing.load(Ordering::SeqCst)
+    }
+
+    fn parse_caps(&self, caps: &str) -> Result<gst::Caps, ReceiveError> {
+        caps.parse::<gst::Caps>()
+            .map_err(|_| ReceiveError::Protocol(format!("unparsable caps from the producer: {caps}")))
+    }
+
+    fn error_for(&self, e: &ReceiveError, socket: &str) -> gst::ErrorMessage {
+        match e {
+            ReceiveError::Timeout(_) => gst::error_msg!(gst::ResourceError::OpenRead, ["Socket {}: {}", socket, e]),
+            ReceiveError::ProducerGone => gst::error_msg!(gst::ResourceError::Read, ["Socket {}: the producer went away", socket]),
+            ReceiveError::Refused(_) => gst::error_msg!(gst::ResourceError::OpenRead, ["Socket {}: {}", socket, e]),
+            ReceiveError::Protocol(_) => gst::error_msg!(gst::StreamError::Decode, ["Socket {}: {}", socket, e]),
+            ReceiveError::Io(_) => gst::error_msg!(gst::ResourceError::Read, ["Socket {}: {}", socket, e]),
+            ReceiveError::Flushing => gst::error_msg!(gst::CoreError::StateChange, ["Socket {}: interrupted", socket]),
+        }
+    }
+
+    fn socket_name(&self) -> String {
+        self.settings.lock().unwrap().socket.clone().unwrap_or_default()
+    }
+}
+
+impl BaseSrcImpl for BufShareSrc {
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        let Some(socket) = settings.socket.filter(|s| !s.is_empty()) else {
+            return Err(gst::error_msg!(
+                gst::ResourceError::Settings,
+                ["No socket path set: set the 'socket' property to the path a bufsharesink serves on"]
+            ));
+        };
+        let deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
+        let flushing = || self.is_flushing();
+        let result = (|| {
+            let mut conn = Connection::connect(&PathBuf::from(&socket), deadline, self.waker.clone(), &flushing)?;
+            // The producer sends CAPS first; wait for them within the same deadline.
+            match conn.next(Some(deadline), &flushing, "waiting for the producer's caps")? {
+                Incoming::Caps { caps, latency } => Ok((conn, self.parse_caps(&caps)?, latency)),
+                Incoming::Eos => Err(ReceiveError::Protocol("producer ended the stream before sending caps".into())),
+                Incoming::Frame(..) => Err(ReceiveError::Protocol("producer sent a frame before caps".into())),
+            }
+        })();
+        let (conn, caps, latency) = result.map_err(|e| self.error_for(&e, &socket))?;
+        gst::info!(CAT, imp = self, "connected to {}, caps {}", socket, caps);
+        *self.state.lock().unwrap() = State {
+            connection: Some(conn),
+            caps: Some(caps),
+            pending_caps: None,
+            latency,
+        };
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        *self.state.lock().unwrap() = State::default();
+        Ok(())
+    }
+
+    fn caps(&self, filter: Option<&gst::Caps>) -> Option<gst::Caps> {
+        let state = self.state.lock().unwrap();
+        let caps = state
+            .pending_caps
+            .clone()
+            .or_else(|| state.caps.clone())
+            .unwrap_or_else(gst::Caps::new_any);
+        Some(match filter {
+            Some(f) => f.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
+            None => caps,
+        })
+    }
+
+    fn query(&self, query: &mut gst::QueryRef) -> bool {
+        if let gst::QueryViewMut::Latency(q) = query.view_mut() {
+            let latency = gst::ClockTime::from_nseconds(self.state.lock().unwrap().latency);
+            q.set(true, latency, gst::ClockTime::NONE);
+            return true;
+        }
+        BaseSrcImplExt::parent_query(self, query)
+    }
+
+    fn is_seekable(&self) -> bool {
+        false
+    }
+
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(true, Ordering::SeqCst);
+        self.waker.wake();
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.flushing.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl PushSrcImpl for BufShareSrc {
+    fn create(&self, _buffer: Option<&mut gst::BufferRef>) -> Result<CreateSuccess, gst::FlowError> {
+        loop {
+            let mut state = self.state.lock().unwrap();
+            if let Some(caps) = state.pending_caps.take() {
+                state.caps = Some(caps.clone());
+                drop(state);
+                gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
+                self.obj().set_caps(&caps).map_err(|_| {
+                    gst::element_imp_error!(self, gst::CoreError::Negotiation, ["Downstream refused the producer's new caps {}", caps]);
+                    gst::FlowError::NotNegotiated
+                })?;
+                continue;
+            }
+            let flushing = || self.is_flushing();
+            let conn = state.connection.as_mut().ok_or(gst::FlowError::Flushing)?;
+            let incoming = conn.next(None, &flushing, "waiting for frames");
+            match incoming {
+                Ok(Incoming::Frame(mut buffer, frame)) => {
+                    let time_map = TimeMap::for_element(self.obj().upcast_ref());
+                    let running = |t: u64| -> Option<gst::ClockTime> {
+                        (t != protocol::NONE)
+                            .then_some(time_map)
+                            .flatten()
+                            .map(|m| gst::ClockTime::from_nseconds(m.to_running_time(t)))
+                    };
+                    let b = buffer.get_mut().expect("fresh buffer");
+                    b.set_pts(running(frame.pts));
+                    b.set_dts(running(frame.dts));
+                    b.set_duration((frame.duration != protocol::NONE).then(|| gst::ClockTime::from_nseconds(frame.duration)));
+                    b.set_offset(frame.offset);
+                    b.set_offset_end(frame.offset_end);
+                    b.set_flags(gst::BufferFlags::from_bits_truncate(frame.flags) - gst::BufferFlags::TAG_MEMORY);
+                    for warning in crate::metas::apply(b, &frame.metas) {
+                        gst::warning!(CAT, imp = self, "{}", warning);
+                    }
+                    return Ok(CreateSuccess::NewBuffer(buffer));
+                }
+                Ok(Incoming::Caps { caps, latency }) => {
+                    let caps = match self.parse_caps(&caps) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            drop(state);
+                            let msg = self.error_for(&e, &self.socket_name());
+                            self.post_error_message(msg);
+                            return Err(gst::FlowError::Error);
+                        }
+                    };
+                    let latency_changed = latency != state.latency;
+                    state.latency = latency;
+                    if state.caps.as_ref() != Some(&caps) {
+                        state.pending_caps = Some(caps);
+                    }
+                    drop(state);
+                    if latency_changed {
+                        let _ = self.obj().post_message(gst::message::Latency::builder().src(&*self.obj()).build());
+                    }
+                }
+                Ok(Incoming::Eos) => {
+                    gst::info!(CAT, imp = self, "producer sent EOS");
+                    return Err(gst::FlowError::Eos);
+                }
+                Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
+                Err(e) => {
+                    state.connection = None;
+                    drop(state);
+                    gst::warning!(CAT, imp = self, "{}", e);
+                    let msg = self.error_for(&e, &self.socket_name());
+                    self.post_error_message(msg);
+                    return Err(gst::FlowError::Error);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! The consumer's side of one connection: the handshake, the cache of
+//! imported producer memories, and turning FRAME messages into buffers whose
+//! release goes back to the producer.
+//!
+//! Each registered memory is imported once (GstFdMemory or GstDmaBufMemory,
+//! read-only, kept mapped) and stays in the cache until FORGET. A frame's
+//! memories are per-frame shares of those imports. When the last per-frame
+//! share of a frame is freed, the frame may be released, but only if nobody
+//! downstream made a share of its own: GStreamer parents such shares to the
+//! import itself, so we count the references we know of on each import and
+//! hold the release back while there are more (checked again on a short timer).
+//!
+//! A future reconnect mode replaces the [`Connection`]; nothing else here
+//! outlives it.
+
+use gst::glib;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
+use glib::translate::IntoGlib;
+use gst_allocators::prelude::*;
+
+use crate::protocol::{self, Frame, Hello, MemoryKind, MemoryRef, Message, Role};
+use crate::transport::unix::{wait, UnixChannel, Waker};
+use crate::transport::{Channel, Received};
+
+static FD_ALLOCATOR: LazyLock<gst_allocators::FdAllocator> =
+    LazyLock::new(gst_allocators::FdAllocator::new);
+static DMABUF_ALLOCATOR: LazyLock<gst_allocators::DmaBufAllocator> =
+    LazyLock::new(gst_allocators::DmaBufAllocator::new);
+static FRAME_QUARK: LazyLock<glib::Quark> =
+    LazyLock::new(|| glib::Quark::from_str("bufshare-frame-guard"));
+
+/// Why the connection could not go on.
+#[derive(Debug)]
+pub enum ReceiveError {
+    /// `timeout` passed; the text says waiting for what.
+    Timeout(String),
+    /// The producer closed the connection.
+    ProducerGone,
+    /// The producer refused us, or speaks another version.
+    Refused(String),
+    /// The producer broke the protocol.
+    Protocol(String),
+    Io(std::io::Error),
+    /// unlock(): the element is flushing.
+    Flushing,
+}
+
+impl std::fmt::Display for ReceiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReceiveError::Timeout(what) => write!(f, "timed out {what}"),
+            ReceiveError::ProducerGone => write!(f, "the producer went away"),
+            ReceiveError::Refused(r) => write!(f, "refused by the producer: {r}"),
+            ReceiveError::Protocol(p) => write!(f, "protocol error from the producer: {p}"),
+            ReceiveError::Io(e) => write!(f, "{e}"),
+            ReceiveError::Flushing => write!(f, "flushing"),
+        }
+    }
+}
+
+/// What one message became.
+pub enum Incoming {
+    Caps { caps: String, latency: u64 },
+    Frame(gst::Buffer, Frame),
+    Eos,
+}
+
+struct Import {
+    memory: gst::Memory,
+    size: u64,
+}
+
+/// Release bookkeeping shared with per-frame guards, which run on whatever
+/// thread frees the buffer.
+struct Releaser {
+    channel: Arc<UnixChannel>,
+    state: Mutex<ReleaseState>,
+    waker: Arc<Waker>,
+}
+
+#[derive(Default)]
+struct ReleaseState {
+    /// Frames whose shares are gone, waiting until their imports are free of unknown shares.
+    waiting: Vec<(u64, Vec<gst::Memory>)>,
+    /// Live per-frame shares on each import root (by pointer).
+    live_shares: HashMap<usize, usize>,
+    /// References that frame guards (downstream or waiting) hold on each root.
+    held_roots: HashMap<usize, usize>,
+    /// Ids that could not be sent (socket full), sent at the next chance.
+    unsent: Vec<u64>,
+}
+
+/// Lives as qdata on each per-frame share; the last one dropped queues the release.
+struct FrameGuard {
+    frame_id: u64,
+    roots: Vec<gst::Memory>,
+    releaser: Arc<Releaser>,
+}
+
+impl Drop for FrameGuard {
+    fn drop(&mut self) {
+        let mut st = self.releaser.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting.push((self.frame_id, std::mem::take(&mut self.roots)));
+        drop(st);
+        self.releaser.waker.wake();
+    }
+}
+
+struct ShareToken {
+    guard: Arc<FrameGuard>,
+    root: usize,
+}
+
+impl Drop for ShareToken {
+    fn drop(&mut self) {
+        let mut st = self.guard.releaser.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = st.live_shares.get_mut(&self.root) {
+            *n -= 1;
+            if *n == 0 {
+                st.live_shares.remove(&self.root);
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn share_token_destroyed(data: glib::ffi::gpointer) {
+    // SAFETY: `data` is the Box<ShareToken> leaked when the share was made, given back once.
+    drop(unsafe { Box::from_raw(data as *mut ShareToken) });
+}
+
+/// Marks memory read-only, so nobody downstream can map it for writing.
+///
+/// # Safety
+/// The caller must hold the only reference to `mem`.
+unsafe fn set_readonly(mem: &gst::Memory) {
+    unsafe {
+        (*(mem.as_ptr() as *mut gst::ffi::GstMiniObject)).flags |= gst::ffi::GST_MEMORY_FLAG_READONLY;
+    }
+}
+
+fn refcount(mem: &gst::Memory) -> usize {
+    // SAFETY: reading the refcount of a live mini object; an atomic int in C.
+    unsafe {
+        let obj = mem.as_ptr() as *const gst::ffi::GstMiniObject;
+        let rc = &*(std::ptr::addr_of!((*obj).refcount) as *const std::sync::atomic::AtomicI32);
+        rc.load(std::sync::atomic::Ordering::Acquire) as usize
+    }
+}
+
+impl Releaser {
+    /// Sends RELEASE for waiting frames whose imports carry no unknown shares.
+    /// `cached` is the number of references the import cache holds per root.
+    fn flush(&self, cached: &HashMap<usize, usize>) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // References we know of on each root: the cache, live per-frame
+        // shares, and the frame guards' own references.
+        let mut known: HashMap<usize, usize> = cached.clone();
+        for (root, n) in st.live_shares.iter().chain(&st.held_roots) {
+            *known.entry(*root).or_default() += n;
+        }
+        let waiting = std::mem::take(&mut st.waiting);
+        let mut released_roots = Vec::new();
+        let mut ready = std::mem::take(&mut st.unsent);
+        for (frame_id, roots) in waiting {
+            let clean = roots
+                .iter()
+                .all(|r| refcount(r) <= known.get(&(r.as_ptr() as usize)).copied().unwrap_or(0));
+            if clean {
+                ready.push(frame_id);
+                released_roots.push(roots);
+            } else {
+                st.waiting.push((frame_id, roots));
+            }
+        }
+        for root in released_roots.iter().flatten() {
+            let key = root.as_ptr() as usize;
+            if let Some(n) = st.held_roots.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    st.held_roots.remove(&key);
+                }
+            }
+        }
+        drop(st);
+        // The roots' references go only now, after the counts: never fewer known than real.
+        drop(released_roots);
+        for chunk in ready.chunks(protocol::MAX_RELEASE_IDS) {
+            let msg = protocol::encode(&Message::Release {
+                frame_ids: chunk.to_vec(),
+            });
+            match self.channel.send(&msg, &[]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.state.lock().unwrap().unsent.extend_from_slice(chunk);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn has_waiting(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        !st.waiting.is_empty() || !st.unsent.is_empty()
+    }
+}
+
+/// One connection to a producer.
+pub struct Connection {
+    channel: Arc<UnixChannel>,
+    imports: HashMap<u64, Import>,
+    releaser: Arc<Releaser>,
+    waker: Arc<Waker>,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    /// Connects to `path` and does the handshake, retrying while no producer
+    /// listens, until `deadline`. `waker` interrupts the wait (unlock).
+    pub fn connect(
+        path: &Path,
+        deadline: Instant,
+        waker: Arc<Waker>,
+        flushing: &dyn Fn() -> bool,
+    ) -> Result<Connection, ReceiveError> {
+        let channel = loop {
+            match UnixChannel::connect(path) {
+                Ok(c) => break c,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    if flushing() {
+                        return Err(ReceiveError::Flushing);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(ReceiveError::Timeout(format!(
+                            "waiting for a producer on {} ({e})",
+                            path.display()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(ReceiveError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot connect to {}: {e}", path.display()),
+                    )))
+                }
+            }
+        };
+        let channel = Arc::new(channel);
+        let releaser = Arc::new(Releaser {
+            channel: channel.clone(),
+            state: Mutex::new(ReleaseState::default()),
+            waker: waker.clone(),
+        });
+        let mut conn = Connection {
+            channel,
+            imports: HashMap::new(),
+            releaser,
+            waker,
+            buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
+        };
+        let hello = protocol::encode(&Message::Hello(Hello {
+            version: protocol::VERSION,
+            role: Role::Consumer,
+            features: 0,
+        }));
+        conn.channel.send(&hello, &[]).map_err(ReceiveError::Io)?;
+        match conn.recv_message(Some(deadline), flushing, "waiting for the producer's HELLO")? {
+            (Message::Hello(h), _) if h.role == Role::Producer && h.version == protocol::VERSION => Ok(conn),
+            (Message::Hello(h), _) if h.version != protocol::VERSION => Err(ReceiveError::Refused(format!(
+                "protocol version mismatch: producer speaks version {}, this consumer speaks version {}",
+                h.version,
+                protocol::VERSION
+            ))),
+            (Message::Hello(_), _) => Err(ReceiveError::Protocol("peer on the socket is not a producer".into())),
+            (other, _) => Err(ReceiveError::Protocol(format!("expected HELLO, got {}", other.name()))),
+        }
+    }
+
+    /// Waits for and returns the next message with its fds.
+    fn recv_message(
+        &mut self,
+        deadline: Option<Instant>,
+        flushing: &dyn Fn() -> bool,
+        waiting_for: &str,
+    ) -> Result<(Message, Vec<OwnedFd>), ReceiveError> {
+        loop {
+            if flushing() {
+                return Err(ReceiveError::Flushing);
+            }
+            self.flush_releases()?;
+            match self.channel.recv(&mut self.buf) {
+                Ok(Received::Message { len, fds }) => {
+                    let msg = protocol::decode(&self.buf[..len], fds.len())
+                        .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+                    return Ok((msg, fds));
+                }
+                Ok(Received::Closed) => return Err(ReceiveError::ProducerGone),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(ReceiveError::ProducerGone)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(ReceiveError::Protocol(e.to_string()))
+                }
+                Err(e) => return Err(ReceiveError::Io(e)),
+            }
+            let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if timeout == Some(Duration::ZERO) {
+                return Err(ReceiveError::Timeout(waiting_for.to_string()));
+            }
+            if self.releaser.has_waiting() {
+                let tick = Duration::from_millis(5);
+                timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
+            }
+            let fds = [(self.channel.as_fd(), false), (self.waker.as_fd(), false)];
+            wait(&fds, timeout).map_err(ReceiveError::Io)?;
+            self.waker.drain();
+        }
+    }
+
+    fn flush_releases(&self) -> Result<(), ReceiveError> {
+        let cached: HashMap<usize, usize> = self
+            .imports
+            .values()
+            .map(|i| (i.memory.as_ptr() as usize, 1))
+            .collect();
+        self.releaser.flush(&cached).map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => ReceiveError::ProducerGone,
+            _ => ReceiveError::Io(e),
+        })
+    }
+
+    /// The next caps, frame or EOS. Registrations and forgets are handled here.
+    pub fn next(
+        &mut self,
+        deadline: Option<Instant>,
+        flushing: &dyn Fn() -> bool,
+        waiting_for: &str,
+    ) -> Result<Incoming, ReceiveError> {
+        loop {
+            let (msg, mut fds) = self.recv_message(deadline, flushing, waiting_for)?;
+            match msg {
+                Message::Caps { caps, latency } => return Ok(Incoming::Caps { caps, latency }),
+                Message::Register(reg) => {
+                    let fd = fds.pop().expect("decode checked the fd count");
+                    self.import(reg.mem_id, reg.kind, reg.size, fd)?;
+                }
+                Message::Forget { mem_id } => {
+                    self.imports.remove(&mem_id);
+                }
+                Message::Frame(frame) => {
+                    let buffer = self.build(&frame)?;
+                    return Ok(Incoming::Frame(buffer, frame));
+                }
+                Message::Eos => return Ok(Incoming::Eos),
+                Message::Refuse { reason } => return Err(ReceiveError::Refused(reason)),
+                other => {
+                    return Err(ReceiveError::Protocol(format!(
+                        "producer sent {} after the handshake",
+                        other.name()
+                    )))
+                }
+            }
+        }
+    }
+
+    fn import(&mut self, mem_id: u64, kind: MemoryKind, size: u64, fd: OwnedFd) -> Result<(), ReceiveError> {
+        let proto = |m: String| Err(ReceiveError::Protocol(m));
+        if self.imports.contains_key(&mem_id) {
+            return proto(format!("REGISTER of memory {mem_id}, which is already registered"));
+        }
+        let real_kind = fd_kind(fd.as_fd()).map_err(ReceiveError::Io)?;
+        match (kind, real_kind) {
+            (_, None) => return proto(format!("memory {mem_id} is not memory (a pipe, socket or device)")),
+            (MemoryKind::DmaBuf, Some(FdKind::Memfd)) | (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+                return proto(format!("memory {mem_id}: announced as {kind:?} but the fd is {real_kind:?}"))
+            }
+            _ => {}
+        }
+        let real_size = fd_size(fd.as_fd()).map_err(ReceiveError::Io)?;
+        if size == 0 || size > real_size {
+            return proto(format!(
+                "memory {mem_id} announced with {size} bytes but its fd has {real_size}"
+            ));
+        }
+        let size_usize = usize::try_from(size).map_err(|_| ReceiveError::Protocol("size too large".into()))?;
+        let raw = fd.into_raw_fd();
+        let flags = gst_allocators::FdMemoryFlags::KEEP_MAPPED;
+        // SAFETY: the allocator takes ownership of `raw`, which we own.
+        let memory = unsafe {
+            match kind {
+                MemoryKind::Memfd => FD_ALLOCATOR.alloc_fd(raw, size_usize, flags),
+                MemoryKind::DmaBuf => DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(raw, size_usize, flags),
+            }
+        }
+        .map_err(|e| ReceiveError::Protocol(format!("cannot import memory {mem_id}: {e}")))?;
+        // Read-only downstream; map once now, it stays mapped (KEEP_MAPPED).
+        // SAFETY: we hold the only reference; setting a flag on our own memory.
+        unsafe { set_readonly(&memory) };
+        if kind == MemoryKind::Memfd {
+            drop(memory.map_readable().map_err(|_| {
+                ReceiveError::Protocol(format!("cannot map memory {mem_id} of {size} bytes"))
+            })?);
+        }
+        self.imports.insert(mem_id, Import { memory, size });
+        Ok(())
+    }
+
+    fn build(&mut self, frame: &Frame) -> Result<gst::Buffer, ReceiveError> {
+        let mut buffer = gst::Buffer::new();
+        let b = buffer.get_mut().expect("new buffer is writable");
+        let mut roots = Vec::new();
+        for m in &frame.memories {
+            if let MemoryRef::Registered { mem_id, offset, size } = m {
+                let import = self.imports.get(mem_id).ok_or_else(|| {
+                    ReceiveError::Protocol(format!("frame {} names unknown memory {mem_id}", frame.frame_id))
+                })?;
+                if offset.checked_add(*size).is_none_or(|end| end > import.size) {
+                    return Err(ReceiveError::Protocol(format!(
+                        "frame {} addresses bytes {offset}+{size} of memory {mem_id}, which has {}",
+                        frame.frame_id, import.size
+                    )));
+                }
+                roots.push(import.memory.clone());
+            }
+        }
+        {
+            let mut st = self.releaser.state.lock().unwrap();
+            for r in &roots {
+                *st.held_roots.entry(r.as_ptr() as usize).or_default() += 1;
+            }
+        }
+        let guard = (!roots.is_empty()).then(|| {
+            Arc::new(FrameGuard {
+                frame_id: frame.frame_id,
+                roots,
+                releaser: self.releaser.clone(),
+            })
+        });
+        for m in &frame.memories {
+            match m {
+                MemoryRef::Registered { mem_id, offset, size } => {
+                    let import = &self.imports[mem_id];
+                    let share = import.memory.share(*offset as usize..(*offset + *size) as usize);
+                    let root = import.memory.as_ptr() as usize;
+                    *self.releaser.state.lock().unwrap().live_shares.entry(root).or_default() += 1;
+                    let token = Box::into_raw(Box::new(ShareToken {
+                        guard: guard.clone().expect("registered memory has a guard"),
+                        root,
+                    }));
+                    // SAFETY: the share is ours alone; the token is freed by its destroy notify.
+                    unsafe {
+                        gst::ffi::gst_mini_object_set_qdata(
+                            share.as_ptr() as *mut gst::ffi::GstMiniObject,
+                            FRAME_QUARK.into_glib(),
+                            token as glib::ffi::gpointer,
+                            Some(share_token_destroyed),
+                        );
+                    }
+                    b.append_memory(share);
+                }
+                MemoryRef::Inline(bytes) => {
+                    let mem = gst::Memory::from_mut_slice(bytes.clone());
+                    // SAFETY: we hold the only reference; setting a flag on our own memory.
+                    unsafe { set_readonly(&mem) };
+                    b.append_memory(mem);
+                }
+            }
+        }
+        Ok(buffer)
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.channel.as_fd().as_raw_fd()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.channel.shutdown();
+    }
+}

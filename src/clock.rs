@@ -1,0 +1,82 @@
+//! Carrying running time across processes.
+//!
+//! Two pipelines in two processes have different base times and maybe
+//! different clocks, but CLOCK_MONOTONIC is the same for both. The sink sends
+//! `running_time + base_time`, moved onto CLOCK_MONOTONIC; the src moves it
+//! back onto its own clock and subtracts its own base time. When both
+//! pipelines use the default system clock (which is CLOCK_MONOTONIC) the
+//! conversion is exact; otherwise it is as good as one paired clock reading.
+
+use gst::prelude::*;
+
+/// Now on CLOCK_MONOTONIC, in ns.
+pub fn monotonic_now() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `CLOCK_MONOTONIC - clock` in ns: 0 for a monotonic system clock.
+pub fn monotonic_offset(clock: &gst::Clock) -> i128 {
+    if let Some(sys) = clock.downcast_ref::<gst::SystemClock>() {
+        if sys.clock_type() == gst::ClockType::Monotonic {
+            return 0;
+        }
+    }
+    let before = monotonic_now() as i128;
+    let t = clock.time().nseconds() as i128;
+    let after = monotonic_now() as i128;
+    (before + after) / 2 - t
+}
+
+/// Maps between a pipeline's running time and CLOCK_MONOTONIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeMap {
+    base_time: u64,
+    offset: i128,
+}
+
+impl TimeMap {
+    /// For an element in a pipeline that has a clock and a base time.
+    pub fn for_element(element: &gst::Element) -> Option<TimeMap> {
+        let clock = element.clock()?;
+        let base_time = element.base_time()?.nseconds();
+        Some(TimeMap {
+            base_time,
+            offset: monotonic_offset(&clock),
+        })
+    }
+
+    pub fn to_monotonic(&self, running_time: u64) -> u64 {
+        (running_time as i128 + self.base_time as i128 + self.offset).clamp(0, u64::MAX as i128 - 1)
+            as u64
+    }
+
+    /// Running time of a monotonic instant; instants before this pipeline's
+    /// base time map to 0.
+    pub fn to_running_time(&self, monotonic: u64) -> u64 {
+        (monotonic as i128 - self.offset - self.base_time as i128).clamp(0, u64::MAX as i128 - 1)
+            as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_across_two_pipelines() {
+        let producer = TimeMap {
+            base_time: 5_000,
+            offset: 0,
+        };
+        let consumer = TimeMap {
+            base_time: 3_000,
+            offset: 100,
+        };
+        let mono = producer.to_monotonic(1_000);
+        assert_eq!(mono, 6_000);
+        // The consumer started 2000 ns earlier on a clock 100 ns behind.
+        assert_eq!(consumer.to_running_time(mono), 2_900);
+        assert_eq!(consumer.to_running_time(0), 0);
+    }
+}

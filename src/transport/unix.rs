@@ -1,0 +1,371 @@
+//! UNIX `SOCK_SEQPACKET` sockets: the listener the sink serves on, the
+//! connection the src opens, and a small eventfd to wake a poll loop.
+//!
+//! Binding follows one rule: a socket file left by a dead producer is replaced,
+//! a live producer's socket is never taken over. We find out which by trying
+//! to connect to it.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+
+use super::{Channel, Received};
+use crate::protocol::MAX_FDS_PER_MESSAGE;
+
+/// Kernel send buffer we ask for: room for many small frame messages so that a
+/// consumer that is briefly slow to read does not make sends fail.
+const SEND_BUFFER: usize = 1 << 20;
+
+/// Why the sink could not serve on its socket path. Each names the path.
+#[derive(Debug)]
+pub enum BindError {
+    /// A live producer answers on this path.
+    InUse(PathBuf),
+    /// The path exists and is not a socket; we never delete it.
+    NotASocket(PathBuf),
+    /// The directory is missing or not writable, or the path is too long.
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindError::InUse(p) => write!(
+                f,
+                "socket {} is in use by a live producer; refusing to take it over",
+                p.display()
+            ),
+            BindError::NotASocket(p) => write!(
+                f,
+                "{} exists and is not a socket; refusing to replace it",
+                p.display()
+            ),
+            BindError::Io(p, e) => write!(f, "cannot serve on socket {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for BindError {}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?)
+}
+
+fn unix_addr(path: &Path) -> io::Result<SocketAddrUnix> {
+    SocketAddrUnix::new(path).map_err(|e| {
+        if e == rustix::io::Errno::NAMETOOLONG || e == rustix::io::Errno::INVAL {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "path too long for a UNIX socket (108 bytes at most)",
+            )
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// The sink's listening socket. Removes its socket file when dropped.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path`, replacing a stale socket file but never a live one.
+    pub fn bind(path: &Path) -> Result<Listener, BindError> {
+        let io_err = |e: io::Error| BindError::Io(path.to_owned(), e);
+        let addr = unix_addr(path).map_err(io_err)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(BindError::NotASocket(path.to_owned()));
+                }
+                // Somebody answers: a live producer. Nobody: a stale file.
+                let probe = seqpacket_socket().map_err(io_err)?;
+                rustix::io::ioctl_fionbio(&probe, false).map_err(|e| io_err(e.into()))?;
+                match rustix::net::connect(&probe, &addr) {
+                    Ok(()) => return Err(BindError::InUse(path.to_owned())),
+                    Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOENT) => {
+                        std::fs::remove_file(path).map_err(io_err)?;
+                    }
+                    // A full backlog still means someone is listening.
+                    Err(rustix::io::Errno::AGAIN) => return Err(BindError::InUse(path.to_owned())),
+                    Err(e) => return Err(io_err(e.into())),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let fd = seqpacket_socket().map_err(io_err)?;
+        rustix::net::bind(&fd, &addr).map_err(|e| io_err(e.into()))?;
+        if let Err(e) = rustix::net::listen(&fd, 64) {
+            let _ = std::fs::remove_file(path);
+            return Err(io_err(e.into()));
+        }
+        Ok(Listener {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Accepts one pending connection, if any.
+    pub fn accept(&self) -> io::Result<Option<UnixChannel>> {
+        match rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+            Ok(fd) => {
+                let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, SEND_BUFFER);
+                Ok(Some(UnixChannel { fd }))
+            }
+            Err(rustix::io::Errno::AGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A connected SEQPACKET socket.
+#[derive(Debug)]
+pub struct UnixChannel {
+    fd: OwnedFd,
+}
+
+impl UnixChannel {
+    /// Connects to `path` once, without waiting. `NotFound` and
+    /// `ConnectionRefused` mean "no producer yet": callers retry.
+    pub fn connect(path: &Path) -> io::Result<UnixChannel> {
+        let addr = unix_addr(path)?;
+        let fd = seqpacket_socket()?;
+        // Connecting a UNIX socket completes at once, or fails at once.
+        rustix::io::ioctl_fionbio(&fd, false)?;
+        rustix::net::connect(&fd, &addr)?;
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, SEND_BUFFER);
+        Ok(UnixChannel { fd })
+    }
+
+    /// Process id of the peer, for logs.
+    pub fn peer_pid(&self) -> Option<i32> {
+        rustix::net::sockopt::socket_peercred(&self.fd)
+            .ok()
+            .map(|c| c.pid.as_raw_nonzero().get())
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Stops both directions, so the peer sees the connection end.
+    pub fn shutdown(&self) {
+        let _ = rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Both);
+    }
+}
+
+impl AsFd for UnixChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Channel for UnixChannel {
+    fn can_pass_fds(&self) -> bool {
+        true
+    }
+
+    fn send(&self, datagram: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let iov = [io::IoSlice::new(datagram)];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for one message",
+            ));
+        }
+        let sent = rustix::net::sendmsg(
+            &self.fd,
+            &iov,
+            &mut control,
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        )?;
+        debug_assert_eq!(sent, datagram.len());
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        // Room for more fds than allowed, so that an excess is seen (and closed) rather than cut.
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let msg = rustix::net::recvmsg(
+            &self.fd,
+            &mut iov,
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for cmsg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+                fds.extend(received);
+            }
+        }
+        if msg.flags.contains(ReturnFlags::CTRUNC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "peer sent more fds than a message may carry",
+            ));
+        }
+        if msg.flags.contains(ReturnFlags::TRUNC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("peer sent a message larger than {} bytes", buf.len()),
+            ));
+        }
+        if msg.bytes == 0 && fds.is_empty() {
+            return Ok(Received::Closed);
+        }
+        Ok(Received::Message {
+            len: msg.bytes,
+            fds,
+        })
+    }
+}
+
+/// An eventfd that wakes a thread blocked in `poll`.
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        let fd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        Ok(Waker { fd })
+    }
+
+    pub fn wake(&self) {
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+    }
+
+    /// Clears pending wake-ups.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut buf);
+    }
+}
+
+impl AsFd for Waker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Waits until one of `fds` is readable (or, where `want_write` is set,
+/// writable), or `timeout` passes. Returns the revents of each fd.
+pub fn wait(
+    fds: &[(BorrowedFd<'_>, bool)],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<rustix::event::PollFlags>> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, want_write)| {
+            let mut flags = PollFlags::IN;
+            if *want_write {
+                flags |= PollFlags::OUT;
+            }
+            PollFd::from_borrowed_fd(*fd, flags)
+        })
+        .collect();
+    let ts = timeout.map(|t| rustix::time::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: t.subsec_nanos() as _,
+    });
+    loop {
+        match rustix::event::poll(&mut pfds, ts.as_ref()) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(pfds.iter().map(|p| p.revents()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bufshare-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_is_not() {
+        let path = tmp_path("stale.sock");
+        let first = Listener::bind(&path).unwrap();
+        assert!(matches!(Listener::bind(&path), Err(BindError::InUse(_))));
+        // Leave the file behind, as a killed producer would.
+        std::mem::forget(first.fd);
+        std::mem::forget(first.path);
+        let _ = Listener::bind(&path).unwrap();
+    }
+
+    #[test]
+    fn regular_file_is_never_replaced() {
+        let path = tmp_path("regular");
+        std::fs::write(&path, b"keep me").unwrap();
+        assert!(matches!(Listener::bind(&path), Err(BindError::NotASocket(_))));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn datagrams_and_fds_round_trip() {
+        let path = tmp_path("rt.sock");
+        let listener = Listener::bind(&path).unwrap();
+        let client = UnixChannel::connect(&path).unwrap();
+        let server = listener.accept().unwrap().unwrap();
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        client.send(b"hello", &[r.as_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        match server.recv(&mut buf).unwrap() {
+            Received::Message { len, fds } => {
+                assert_eq!(&buf[..len], b"hello");
+                assert_eq!(fds.len(), 1);
+            }
+            Received::Closed => panic!("closed"),
+        }
+        drop(client);
+        assert!(matches!(server.recv(&mut buf).unwrap(), Received::Closed));
+    }
+}
