@@ -140,6 +140,13 @@ impl ObjectImpl for BufShareSink {
         SIGNALS.as_ref()
     }
 
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.set_enable_last_sample(false);
+        obj.set_processing_deadline(gst::ClockTime::ZERO);
+    }
+
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut s = self.settings.lock().unwrap();
         match pspec.name() {
@@ -171,6 +178,11 @@ impl ObjectImpl for BufShareSink {
 }
 
 impl GstObjectImpl for BufShareSink {}
+
+// Defaults that differ from GstBaseSink's, set in `constructed`:
+// - enable-last-sample=false: keeping the last buffer would pin one upstream
+//   pool buffer for nothing;
+// - processing-deadline=0: render never blocks, so no extra latency is needed.
 
 impl ElementImpl for BufShareSink {
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
@@ -346,6 +358,8 @@ impl BufShareSink {
         state.next_frame_id += 1;
         let frame_id = state.next_frame_id;
         let size = buffer.size();
+        // Metas come from the buffer as it arrived; a copy keeps its layout byte for byte.
+        let metas = crate::metas::from_buffer(buffer);
 
         let (buffer, memories, refs) = if size <= inline_threshold {
             let map = buffer.map_readable().map_err(|_| {
@@ -390,7 +404,6 @@ impl BufShareSink {
             }
             (buffer, memories, refs)
         };
-        let _ = server;
 
         let time_map = TimeMap::for_element(self.obj().upcast_ref());
         let to_wire = |t: Option<gst::ClockTime>| -> u64 {
@@ -409,7 +422,7 @@ impl BufShareSink {
             offset_end: buffer.offset_end(),
             flags: buffer.flags().bits(),
             memories: refs,
-            metas: crate::metas::from_buffer(&buffer),
+            metas,
         };
         Ok(Outgoing {
             buffer,
@@ -419,7 +432,7 @@ impl BufShareSink {
     }
 
     /// One copy of a buffer without fds into backend memory, keeping its
-    /// timestamps, flags and metas (the layout is unchanged, so video metas hold).
+    /// timestamps and flags (metas are taken from the original by the caller).
     fn copy_into_shareable(
         &self,
         copy_pool: &mut Option<CopyPool>,
@@ -451,7 +464,7 @@ impl BufShareSink {
                 buffer.copy_to_slice(0, &mut map[..]).map_err(|_| gst::FlowError::Error)?;
             }
             buffer
-                .copy_into(out, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS | gst::BufferCopyFlags::META, ..)
+                .copy_into(out, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
                 .map_err(|_| gst::FlowError::Error)?;
         }
         Ok(out)

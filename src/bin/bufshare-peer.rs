@@ -1,0 +1,579 @@
+//! bufshare-peer: a producer or consumer process for tests and demos.
+//!
+//! It runs a real GStreamer pipeline around bufsharesink or bufsharesrc and
+//! writes a report of what it saw, measured outside the elements: a checksum
+//! of every frame's bytes, the inode of the file behind its memory, the kind
+//! of memory, and (producer `slots` source) how many pushed buffers came back.
+//!
+//! ```text
+//! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
+//!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
+//! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
+//! ```
+//!
+//! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=..`
+//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst_allocators::prelude::*;
+
+fn usage() -> ! {
+    eprintln!("usage: bufshare-peer produce|consume --socket PATH [options]; see the source header");
+    std::process::exit(64)
+}
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(items: &[String]) -> Args {
+        let mut map = HashMap::new();
+        let mut it = items.iter();
+        while let Some(k) = it.next() {
+            let Some(k) = k.strip_prefix("--") else { usage() };
+            let v = it.next().unwrap_or_else(|| usage());
+            map.insert(k.to_string(), v.clone());
+        }
+        Args(map)
+    }
+    fn str(&self, k: &str, default: &str) -> String {
+        self.0.get(k).cloned().unwrap_or_else(|| default.to_string())
+    }
+    fn num(&self, k: &str, default: u64) -> u64 {
+        self.0
+            .get(k)
+            .map(|v| v.parse().unwrap_or_else(|_| usage()))
+            .unwrap_or(default)
+    }
+}
+
+/// FNV-1a over the buffer's bytes.
+fn checksum(buffer: &gst::BufferRef) -> u64 {
+    let map = buffer.map_readable().expect("readable buffer");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in map.iter() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// (inode, kind) of the buffer's first memory.
+fn memory_identity(buffer: &gst::BufferRef) -> (u64, &'static str, bool) {
+    let Some(mem) = buffer.iter_memories().next() else {
+        return (0, "none", false);
+    };
+    let ro = mem.flags().contains(gst::MemoryFlags::READONLY);
+    let kind = if mem.is_memory_type::<gst_allocators::DmaBufMemory>() {
+        "dmabuf"
+    } else if mem.is_memory_type::<gst_allocators::FdMemory>() {
+        "fd"
+    } else {
+        "system"
+    };
+    let ino = mem
+        .downcast_memory_ref::<gst_allocators::FdMemory>()
+        .map(|m| {
+            // SAFETY: the fd belongs to the memory, alive while we look.
+            let fd = unsafe { BorrowedFd::borrow_raw(m.fd()) };
+            rustix::fs::fstat(fd).map(|s| s.st_ino).unwrap_or(0)
+        })
+        .unwrap_or(0);
+    (ino, kind, ro)
+}
+
+fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
+    let (ino, kind, ro) = memory_identity(buffer);
+    let strides = buffer
+        .meta::<gst_video::VideoMeta>()
+        .map(|m| {
+            m.stride()
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={}",
+        buffer.offset(),
+        checksum(buffer),
+        buffer.size(),
+        ino,
+        kind,
+        ro as u8,
+        strides,
+        clock.map_or("-".into(), |c| c.to_string())
+    )
+}
+
+struct Report {
+    lines: Mutex<Vec<String>>,
+}
+
+impl Report {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+    }
+    fn write(&self, path: &str) {
+        let lines = self.lines.lock().unwrap();
+        let mut out: Box<dyn Write> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::fs::File::create(path).expect("report file"))
+        };
+        for l in lines.iter() {
+            writeln!(out, "{l}").unwrap();
+        }
+    }
+}
+
+/// Runs the pipeline until EOS or error; returns whether it ended well.
+fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
+    let bus = pipeline.bus().unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out waiting for EOS".into());
+        }
+        let Some(msg) = bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(left.as_millis() as u64),
+            &[gst::MessageType::Eos, gst::MessageType::Error, gst::MessageType::Warning],
+        ) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Eos(_) => return Ok(()),
+            gst::MessageView::Error(e) => return Err(format!("{} ({:?})", e.error(), e.debug())),
+            gst::MessageView::Warning(w) => eprintln!("warning: {} ({:?})", w.error(), w.debug()),
+            _ => {}
+        }
+    }
+}
+
+fn produce(args: &Args) -> Result<(), String> {
+    let socket = args.str("socket", "");
+    let source = args.str("source", "test");
+    let frames = args.num("frames", 90);
+    let width = args.num("width", 320) as u32;
+    let height = args.num("height", 240) as u32;
+    let fps = args.num("fps", 30) as i32;
+    let report = Arc::new(Report {
+        lines: Mutex::new(Vec::new()),
+    });
+
+    let pipeline = gst::Pipeline::new();
+    let sink = gst::ElementFactory::make("bufsharesink")
+        .property("socket", &socket)
+        .property("max-inflight", args.num("max-inflight", 8) as u32)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let returned = Arc::new(AtomicUsize::new(0));
+    let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
+    let head = match source.as_str() {
+        "test" | "audio" => {
+            let (src, caps) = if source == "test" {
+                let format = args.str("format", "NV12");
+                let src = gst::ElementFactory::make("videotestsrc")
+                    .property_from_str("pattern", "ball")
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let caps = gst::Caps::builder("video/x-raw")
+                    .field("format", format)
+                    .field("width", width as i32)
+                    .field("height", height as i32)
+                    .field("framerate", gst::Fraction::new(fps, 1))
+                    .build();
+                (src, caps)
+            } else {
+                let src = gst::ElementFactory::make("audiotestsrc")
+                    .property("samplesperbuffer", 4800i32)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let caps = gst::Caps::builder("audio/x-raw")
+                    .field("format", "S16LE")
+                    .field("rate", 48000i32)
+                    .field("channels", 2i32)
+                    .field("layout", "interleaved")
+                    .build();
+                (src, caps)
+            };
+            src.set_property("is-live", true);
+            src.set_property("num-buffers", frames as i32);
+            let filter = gst::ElementFactory::make("capsfilter")
+                .property("caps", &caps)
+                .build()
+                .map_err(|e| e.to_string())?;
+            pipeline.add_many([&src, &filter]).unwrap();
+            src.link(&filter).map_err(|e| e.to_string())?;
+            filter
+        }
+        _ => {
+            let appsrc = gst_app::AppSrc::builder()
+                .is_live(true)
+                .format(gst::Format::Time)
+                .build();
+            let (caps, gen) = app_source(&source, width, height, fps, frames, returned.clone());
+            appsrc.set_caps(Some(&caps));
+            let src = appsrc.clone();
+            let dur = gst::ClockTime::SECOND / fps as u64;
+            pusher = Some(Box::new(move || {
+                for n in 0..frames {
+                    let Some((mut buffer, new_caps)) = gen(n) else { break };
+                    if let Some(caps) = new_caps {
+                        src.set_caps(Some(&caps));
+                    }
+                    {
+                        let b = buffer.get_mut().unwrap();
+                        b.set_pts(dur * n);
+                        b.set_duration(dur);
+                        b.set_offset(n);
+                        b.set_offset_end(n + 1);
+                    }
+                    if src.push_buffer(buffer).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_nanos(dur.nseconds()));
+                }
+                let _ = src.end_of_stream();
+            }));
+            appsrc.upcast()
+        }
+    };
+    if head.parent().is_none() {
+        pipeline.add(&head).unwrap();
+    }
+    pipeline.add(&sink).unwrap();
+    head.link(&sink).map_err(|e| e.to_string())?;
+
+    let rep = report.clone();
+    let inodes = Arc::new(Mutex::new(BTreeSet::new()));
+    let inos = inodes.clone();
+    let last_caps = Arc::new(Mutex::new(None::<String>));
+    sink.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        if let Some(buffer) = info.buffer() {
+            let caps = pad.current_caps().map(|c| c.to_string());
+            let mut lc = last_caps.lock().unwrap();
+            if *lc != caps {
+                rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
+                *lc = caps;
+            }
+            let (ino, _, _) = memory_identity(buffer);
+            if ino != 0 {
+                inos.lock().unwrap().insert(ino);
+            }
+            rep.push(frame_line(buffer, None));
+        }
+        gst::PadProbeReturn::Ok
+    });
+
+    pipeline.set_state(gst::State::Paused).map_err(|_| {
+        let bus = pipeline.bus().unwrap();
+        match bus.pop_filtered(&[gst::MessageType::Error]) {
+            Some(m) => match m.view() {
+                gst::MessageView::Error(e) => format!("{} ({:?})", e.error(), e.debug()),
+                _ => unreachable!(),
+            },
+            None => "cannot start".into(),
+        }
+    })?;
+    let wait_clients = args.num("wait-clients", 0) as u32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.property::<u32>("num-clients") < wait_clients {
+        if Instant::now() > deadline {
+            return Err(format!("only {} consumers came", sink.property::<u32>("num-clients")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("ready");
+    pipeline.set_state(gst::State::Playing).map_err(|_| "cannot play".to_string())?;
+    let pusher_thread = pusher.map(std::thread::spawn);
+    let result = run_to_eos(&pipeline, Duration::from_secs(120));
+    if let Some(t) = pusher_thread {
+        let _ = t.join();
+    }
+    // Consumers finish and leave after EOS; what they held comes back then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.property::<u32>("num-clients") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let returned_before_stop = returned.load(Ordering::SeqCst);
+    let stats = sink.property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null).unwrap();
+    let pushed = report.lines.lock().unwrap().iter().filter(|l| l.starts_with("frame ")).count();
+    report.push(format!(
+        "summary pushed={pushed} returned={returned_before_stop} inodes={}",
+        inodes.lock().unwrap().iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ));
+    report.push(format!("stats {stats}"));
+    report.write(&args.str("report", "-"));
+    result
+}
+
+/// Makes frame n, and the caps to switch to before it, if any.
+type FrameGen = Box<dyn Fn(u64) -> Option<(gst::Buffer, Option<gst::Caps>)> + Send>;
+
+/// Deterministic bytes for frame `n`.
+fn fill(n: u64, data: &mut [u8]) {
+    let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+fn app_source(
+    source: &str,
+    width: u32,
+    height: u32,
+    fps: i32,
+    frames: u64,
+    returned: Arc<AtomicUsize>,
+) -> (gst::Caps, FrameGen) {
+    match source {
+        "slots" => {
+            // A fixed set of memfds, each written through our own shared mapping
+            // and reused only once every consumer let go of it, which we learn
+            // from a weak reference on each pushed buffer.
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Nv12, width, height)
+                .fps(gst::Fraction::new(fps, 1))
+                .build()
+                .unwrap();
+            let size = info.size();
+            let slots = 12usize;
+            let alloc = gst_allocators::FdAllocator::new();
+            let mut mems = Vec::new();
+            let mut maps = Vec::new();
+            for _ in 0..slots {
+                let fd = rustix::fs::memfd_create("peer-slot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+                rustix::fs::ftruncate(&fd, size as u64).unwrap();
+                // SAFETY: a fresh shared mapping of our own memfd, never unmapped.
+                let ptr = unsafe {
+                    rustix::mm::mmap(
+                        std::ptr::null_mut(),
+                        size,
+                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                        rustix::mm::MapFlags::SHARED,
+                        &fd,
+                        0,
+                    )
+                    .unwrap()
+                };
+                maps.push(ptr as usize);
+                let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).unwrap();
+                use std::os::fd::IntoRawFd;
+                // SAFETY: the allocator owns the duplicate fd from here on.
+                mems.push(unsafe {
+                    alloc
+                        .alloc_fd(dup.into_raw_fd(), size, gst_allocators::FdMemoryFlags::NONE)
+                        .unwrap()
+                });
+            }
+            let busy: Arc<Vec<std::sync::atomic::AtomicBool>> =
+                Arc::new((0..slots).map(|_| std::sync::atomic::AtomicBool::new(false)).collect());
+            let gen = move |n: u64| -> Option<(gst::Buffer, Option<gst::Caps>)> {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let slot = loop {
+                    if let Some(i) = (0..slots).find(|i| !busy[*i].load(Ordering::SeqCst)) {
+                        break i;
+                    }
+                    if Instant::now() > deadline {
+                        eprintln!("no free slot for 10 s: buffers are not coming back");
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                busy[slot].store(true, Ordering::SeqCst);
+                // SAFETY: the slot is free: no buffer, consumer or frame refers to it.
+                fill(n, unsafe { std::slice::from_raw_parts_mut(maps[slot] as *mut u8, size) });
+                let mut buffer = gst::Buffer::new();
+                buffer.get_mut().unwrap().append_memory(mems[slot].clone());
+                let busy = busy.clone();
+                let returned = returned.clone();
+                on_buffer_freed(&buffer, move || {
+                    busy[slot].store(false, Ordering::SeqCst);
+                    returned.fetch_add(1, Ordering::SeqCst);
+                });
+                Some((buffer, None))
+            };
+            (info.to_caps().unwrap(), Box::new(gen))
+        }
+        "rgba-padded" => {
+            let stride = ((width as usize * 4).div_ceil(256) * 256 + 64) as i32;
+            let size = stride as usize * height as usize;
+            let caps = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgba, width, height)
+                .fps(gst::Fraction::new(fps, 1))
+                .build()
+                .unwrap()
+                .to_caps()
+                .unwrap();
+            let gen = move |n: u64| {
+                let mut data = vec![0u8; size];
+                fill(n, &mut data);
+                let mut buffer = gst::Buffer::from_mut_slice(data);
+                gst_video::VideoMeta::add_full(
+                    buffer.get_mut().unwrap(),
+                    gst_video::VideoFrameFlags::empty(),
+                    gst_video::VideoFormat::Rgba,
+                    width,
+                    height,
+                    &[0],
+                    &[stride],
+                )
+                .unwrap();
+                Some((buffer, None))
+            };
+            (caps, Box::new(gen))
+        }
+        "tensors" => {
+            let count = 3 * 64 * 64;
+            let caps = gst::Caps::builder("neural-network/tensors")
+                .field("num-tensors", 1i32)
+                .field("types", "float32")
+                .field("dimensions", "1:3:64:64")
+                .field("framerate", gst::Fraction::new(fps, 1))
+                .build();
+            let gen = move |n: u64| {
+                let floats: Vec<f32> = (0..count).map(|i| (n as f32) * 0.5 + i as f32 / 7.0).collect();
+                let bytes: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Some((gst::Buffer::from_mut_slice(bytes), None))
+            };
+            (caps, Box::new(gen))
+        }
+        "text" => {
+            let caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
+            let gen = move |n: u64| {
+                Some((gst::Buffer::from_mut_slice(format!("line {n}: héllo wörld\n").into_bytes()), None))
+            };
+            (caps, Box::new(gen))
+        }
+        "caps-change" => {
+            let half = frames / 2;
+            let caps_of = |w: u32, h: u32| {
+                gst_video::VideoInfo::builder(gst_video::VideoFormat::Nv12, w, h)
+                    .fps(gst::Fraction::new(fps, 1))
+                    .build()
+                    .unwrap()
+            };
+            let first = caps_of(width, height);
+            let second = caps_of(width / 2, height / 2);
+            let caps = first.to_caps().unwrap();
+            let gen = move |n: u64| {
+                let info = if n < half { &first } else { &second };
+                let mut data = vec![0u8; info.size()];
+                fill(n, &mut data);
+                let new_caps = (n == half).then(|| info.to_caps().unwrap());
+                Some((gst::Buffer::from_mut_slice(data), new_caps))
+            };
+            (caps, Box::new(gen))
+        }
+        other => {
+            eprintln!("unknown source {other}");
+            usage()
+        }
+    }
+}
+
+/// Calls `f` once when `buffer` (and every copy sharing it) is finalized.
+fn on_buffer_freed(buffer: &gst::Buffer, f: impl FnOnce() + Send + 'static) {
+    type Cb = Box<dyn FnOnce() + Send>;
+    unsafe extern "C" fn notify(data: glib::ffi::gpointer, _obj: *mut gst::ffi::GstMiniObject) {
+        // SAFETY: `data` is the Box<Cb> leaked below, given back exactly once.
+        let cb = unsafe { Box::from_raw(data as *mut Cb) };
+        cb();
+    }
+    let cb: Box<Cb> = Box::new(Box::new(f));
+    // SAFETY: a weak ref on a live buffer; the callback owns its data.
+    unsafe {
+        gst::ffi::gst_mini_object_weak_ref(
+            buffer.as_ptr() as *mut gst::ffi::GstMiniObject,
+            Some(notify),
+            Box::into_raw(cb) as glib::ffi::gpointer,
+        );
+    }
+}
+
+fn consume(args: &Args) -> Result<(), String> {
+    let socket = args.str("socket", "");
+    let max_frames = args.num("max-frames", u64::MAX);
+    let pipeline = gst::Pipeline::new();
+    let src = gst::ElementFactory::make("bufsharesrc")
+        .property("socket", &socket)
+        .property("timeout", args.num("timeout", 5000))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let sink = gst_app::AppSink::builder().sync(false).build();
+    pipeline.add_many([&src, sink.upcast_ref()]).unwrap();
+    src.link(&sink).map_err(|e| e.to_string())?;
+    let report = Report {
+        lines: Mutex::new(Vec::new()),
+    };
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        let err = run_to_eos(&pipeline, Duration::from_secs(1)).err().unwrap_or_default();
+        return Err(format!("cannot start: {err}"));
+    }
+    let mut last_caps = None;
+    let mut count = 0;
+    let result = loop {
+        if count >= max_frames {
+            break Ok(());
+        }
+        match sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
+            Some(sample) => {
+                let caps = sample.caps().map(|c| c.to_string());
+                if caps != last_caps {
+                    report.push(format!("caps {}", caps.clone().unwrap_or_default()));
+                    last_caps = caps;
+                }
+                let buffer = sample.buffer().unwrap();
+                let clock = buffer.pts().zip(pipeline.base_time()).map(|(p, b)| (p + b).nseconds());
+                report.push(frame_line(buffer, clock));
+                count += 1;
+            }
+            None if sink.is_eos() => break Ok(()),
+            None => {
+                let bus = pipeline.bus().unwrap();
+                if let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
+                    if let gst::MessageView::Error(e) = m.view() {
+                        break Err(format!("{} ({:?})", e.error(), e.debug()));
+                    }
+                }
+            }
+        }
+    };
+    pipeline.set_state(gst::State::Null).unwrap();
+    report.write(&args.str("report", "-"));
+    result
+}
+
+fn main() {
+    gst::init().expect("GStreamer");
+    gstbufshare::plugin_register_static().expect("register bufshare");
+    let argv: Vec<String> = std::env::args().collect();
+    let Some(mode) = argv.get(1) else { usage() };
+    let args = Args::parse(&argv[2..]);
+    if args.str("socket", "").is_empty() {
+        usage();
+    }
+    let result = match mode.as_str() {
+        "produce" => produce(&args),
+        "consume" => consume(&args),
+        _ => usage(),
+    };
+    if let Err(e) = result {
+        eprintln!("bufshare-peer {mode}: error: {e}");
+        std::process::exit(2);
+    }
+}
