@@ -258,6 +258,7 @@ fn produce(args: &Args) -> Result<(), String> {
     let inodes = Arc::new(Mutex::new(BTreeSet::new()));
     let inos = inodes.clone();
     let last_caps = Arc::new(Mutex::new(None::<String>));
+    let sink_weak = sink.downgrade();
     sink.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         if let Some(buffer) = info.buffer() {
             let caps = pad.current_caps().map(|c| c.to_string());
@@ -270,7 +271,14 @@ fn produce(args: &Args) -> Result<(), String> {
             if ino != 0 {
                 inos.lock().unwrap().insert(ino);
             }
-            rep.push(frame_line(buffer, None));
+            // The frame's clock time: running time plus base time, as a consumer should see it.
+            let segment = pad.sticky_event::<gst::event::Segment>(0);
+            let clock = segment.and_then(|ev| {
+                let seg = ev.segment().downcast_ref::<gst::ClockTime>()?.clone();
+                let rt = seg.to_running_time(buffer.pts()?)?;
+                Some((rt + sink_weak.upgrade()?.base_time()?).nseconds())
+            });
+            rep.push(frame_line(buffer, clock));
         }
         gst::PadProbeReturn::Ok
     });

@@ -354,7 +354,9 @@ impl BufShareSink {
         buffer: &gst::Buffer,
         inline_threshold: usize,
     ) -> Result<Outgoing, gst::FlowError> {
-        let server = state.server.as_ref().ok_or(gst::FlowError::Flushing)?;
+        if state.server.is_none() {
+            return Err(gst::FlowError::Flushing);
+        }
         state.next_frame_id += 1;
         let frame_id = state.next_frame_id;
         let size = buffer.size();

@@ -1,0 +1,332 @@
+//! Real pipelines in separate processes: a producer and consumers made by the
+//! `bufshare-peer` binary, talking over a real UNIX socket.
+//!
+//! What is checked comes from outside the elements: frame checksums computed
+//! by each process, the inode behind each memory (fstat on its fd), the fds
+//! that crossed the socket as counted by strace, and buffers counted back by
+//! the producer through weak references. No timing thresholds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
+
+/// Multi-process tests run one at a time: they share two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("bufshare-mp-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills its process if the test fails before waiting on it.
+struct Proc(Option<Child>, &'static str);
+
+impl Proc {
+    fn wait_ok(mut self) {
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{} exited with {status}", self.1);
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} did not finish in 60 s", self.1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn kill9(mut self) {
+        let mut child = self.0.take().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn producer(socket: &Path, report: &Path, source: &str, frames: u32, wait_clients: u32) -> Proc {
+    let child = Command::new(PEER)
+        .args(["produce", "--socket"])
+        .arg(socket)
+        .args(["--source", source, "--frames", &frames.to_string()])
+        .args(["--wait-clients", &wait_clients.to_string(), "--report"])
+        .arg(report)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The socket appears once the producer serves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "producer never served {}", socket.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Proc(Some(child), "producer")
+}
+
+fn consumer_cmd(socket: &Path, report: &Path) -> Command {
+    let mut cmd = Command::new(PEER);
+    cmd.args(["consume", "--socket"])
+        .arg(socket)
+        .arg("--report")
+        .arg(report);
+    cmd
+}
+
+fn consumer(socket: &Path, report: &Path) -> Proc {
+    Proc(Some(consumer_cmd(socket, report).spawn().unwrap()), "consumer")
+}
+
+#[derive(Debug, Clone)]
+struct FrameRec {
+    sum: String,
+    size: u64,
+    ino: u64,
+    kind: String,
+    ro: bool,
+    strides: String,
+    clock: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    caps: Vec<String>,
+    frames: BTreeMap<u64, FrameRec>,
+    order: Vec<u64>,
+    summary: BTreeMap<String, String>,
+}
+
+fn read_report(path: &Path) -> Report {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut r = Report::default();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix("caps ") {
+            r.caps.push(c.to_string());
+        } else if let Some(rest) = line.strip_prefix("frame ") {
+            let kv: BTreeMap<&str, &str> = rest.split(' ').filter_map(|p| p.split_once('=')).collect();
+            let offset: u64 = kv["offset"].parse().unwrap();
+            r.order.push(offset);
+            r.frames.insert(
+                offset,
+                FrameRec {
+                    sum: kv["sum"].into(),
+                    size: kv["size"].parse().unwrap(),
+                    ino: kv["ino"].parse().unwrap(),
+                    kind: kv["kind"].into(),
+                    ro: kv["ro"] == "1",
+                    strides: kv["strides"].into(),
+                    clock: kv["clock"].parse().ok(),
+                },
+            );
+        } else if let Some(rest) = line.strip_prefix("summary ") {
+            for (k, v) in rest.split(' ').filter_map(|p| p.split_once('=')) {
+                r.summary.insert(k.into(), v.into());
+            }
+        }
+    }
+    r
+}
+
+fn inodes(r: &Report) -> BTreeSet<u64> {
+    r.summary["inodes"]
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+/// Every frame the consumer got is the producer's frame, byte for byte, in order.
+fn assert_identical(name: &str, prod: &Report, cons: &Report) {
+    assert!(!cons.frames.is_empty(), "{name} received no frames");
+    for (offset, f) in &cons.frames {
+        let p = prod
+            .frames
+            .get(offset)
+            .unwrap_or_else(|| panic!("{name} got frame {offset} the producer never rendered"));
+        assert_eq!(f.sum, p.sum, "{name}: frame {offset} differs from the producer's");
+        assert_eq!(f.size, p.size, "{name}: frame {offset} size");
+    }
+    assert!(cons.order.windows(2).all(|w| w[0] < w[1]), "{name}: frames out of order");
+}
+
+/// Zero copy: the consumer's memory is read-only fd memory over the producer's own files.
+fn assert_same_memory(name: &str, prod: &Report, cons: &Report) {
+    let prod_inodes = inodes(prod);
+    assert!(!prod_inodes.is_empty());
+    for (offset, f) in &cons.frames {
+        assert_eq!(f.kind, "fd", "{name}: frame {offset} is not fd memory");
+        assert!(f.ro, "{name}: frame {offset} is writable downstream");
+        assert!(
+            prod_inodes.contains(&f.ino),
+            "{name}: frame {offset} is in inode {}, not one of the producer's {prod_inodes:?}",
+            f.ino
+        );
+    }
+}
+
+#[test]
+fn fan_out_to_consumers_that_join_late_and_die() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("fanout");
+    let socket = dir.path("cam.sock");
+    let frames = 90; // 3 s at 30 fps
+    let prod = producer(&socket, &dir.path("producer.txt"), "test", frames, 2);
+    let steady = consumer(&socket, &dir.path("steady.txt"));
+    let victim = consumer(&socket, &dir.path("victim.txt"));
+    std::thread::sleep(Duration::from_millis(1000));
+    let late = consumer(&socket, &dir.path("late.txt"));
+    std::thread::sleep(Duration::from_millis(500));
+    victim.kill9();
+    prod.wait_ok();
+    steady.wait_ok();
+    late.wait_ok();
+
+    let p = read_report(&dir.path("producer.txt"));
+    let steady = read_report(&dir.path("steady.txt"));
+    let late = read_report(&dir.path("late.txt"));
+    assert_eq!(p.frames.len(), frames as usize, "producer rendered every frame");
+    // The healthy consumer saw every frame, though one consumer died under it.
+    assert_eq!(steady.frames.len(), frames as usize, "steady consumer lost frames");
+    assert_identical("steady", &p, &steady);
+    assert_identical("late", &p, &late);
+    assert_same_memory("steady", &p, &steady);
+    assert_same_memory("late", &p, &late);
+    // The late joiner got caps before its first frame and started mid-stream.
+    assert_eq!(late.caps.len(), 1);
+    assert!(late.caps[0].starts_with("video/x-raw"), "{}", late.caps[0]);
+    assert!(*late.frames.keys().next().unwrap() > 0);
+    // GstVideoMeta travelled (NV12: two planes).
+    assert_eq!(steady.frames[&0].strides, p.frames[&0].strides);
+    assert_eq!(steady.frames[&0].strides.split(':').count(), 2);
+    // Running time lines up: the same frame is at the same clock time in both processes.
+    for (offset, f) in &steady.frames {
+        assert_eq!(f.clock, p.frames[offset].clock, "frame {offset}: clock time differs");
+        assert!(f.clock.is_some());
+    }
+}
+
+fn count_scm_rights_fds(strace_log: &Path) -> usize {
+    let text = std::fs::read_to_string(strace_log).unwrap();
+    text.lines()
+        .filter(|l| l.contains("recvmsg("))
+        .flat_map(|l| l.match_indices("SCM_RIGHTS, cmsg_data=[").map(move |(i, m)| &l[i + m.len()..]))
+        .map(|rest| rest[..rest.find(']').unwrap()].split(',').count())
+        .sum()
+}
+
+#[test]
+fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success()),
+        "strace is needed to count the fds that cross the socket: apt-get install strace"
+    );
+    let dir = TempDir::new("fdonce");
+    let socket = dir.path("slots.sock");
+    let frames = 60;
+    let prod = producer(&socket, &dir.path("producer.txt"), "slots", frames, 2);
+    let plain = consumer(&socket, &dir.path("plain.txt"));
+    let strace_log = dir.path("strace.txt");
+    let traced = Proc(
+        Some(
+            Command::new("strace")
+                .args(["-f", "-e", "trace=recvmsg", "-o"])
+                .arg(&strace_log)
+                .arg(PEER)
+                .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
+                .spawn()
+                .unwrap(),
+        ),
+        "traced consumer",
+    );
+    prod.wait_ok();
+    plain.wait_ok();
+    traced.wait_ok();
+
+    let p = read_report(&dir.path("producer.txt"));
+    let traced = read_report(&dir.path("traced.txt"));
+    let plain = read_report(&dir.path("plain.txt"));
+    assert_eq!(p.frames.len(), frames as usize);
+    // Every buffer pushed came back to the producer before it stopped.
+    assert_eq!(p.summary["pushed"], frames.to_string());
+    assert_eq!(p.summary["returned"], frames.to_string(), "buffers did not come back");
+    for (name, c) in [("traced", &traced), ("plain", &plain)] {
+        assert_identical(name, &p, c);
+        assert_same_memory(name, &p, c);
+    }
+    // One fd per distinct producer memory, not one per frame.
+    let fds = count_scm_rights_fds(&strace_log);
+    let distinct: BTreeSet<u64> = traced.frames.values().map(|f| f.ino).collect();
+    assert_eq!(fds, distinct.len(), "fds received vs distinct memories");
+    assert!(fds < traced.frames.len(), "{fds} fds for {} frames", traced.frames.len());
+}
+
+fn one_to_one(source: &str, frames: u32) -> (Report, Report) {
+    let dir = TempDir::new(source);
+    let socket = dir.path("s.sock");
+    let prod = producer(&socket, &dir.path("p.txt"), source, frames, 1);
+    let cons = consumer(&socket, &dir.path("c.txt"));
+    prod.wait_ok();
+    cons.wait_ok();
+    let p = read_report(&dir.path("p.txt"));
+    let c = read_report(&dir.path("c.txt"));
+    assert_eq!(c.frames.len(), frames as usize, "{source}: consumer frames");
+    assert_identical(source, &p, &c);
+    assert_eq!(p.caps, c.caps, "{source}: caps differ");
+    (p, c)
+}
+
+#[test]
+fn every_kind_of_stream_arrives_byte_identical() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // RGBA with padded strides, from memory without fds: copied once, strides kept.
+    let (p, c) = one_to_one("rgba-padded", 20);
+    assert_eq!(c.frames[&0].strides, p.frames[&0].strides);
+    assert_eq!(p.frames[&0].strides, "1344");
+    assert_eq!(c.frames[&0].kind, "fd");
+
+    let (_, c) = one_to_one("tensors", 20);
+    assert!(c.caps[0].starts_with("neural-network/tensors"));
+    assert_eq!(c.frames[&0].size, 3 * 64 * 64 * 4);
+
+    // Text lines are small: they travel inline, with no fd.
+    let (_, c) = one_to_one("text", 20);
+    assert!(c.caps[0].starts_with("text/x-raw"));
+    assert_eq!(c.frames[&0].kind, "system");
+
+    let (_, c) = one_to_one("audio", 20);
+    assert!(c.caps[0].starts_with("audio/x-raw"));
+
+    // New caps in mid-stream renegotiate the consumer.
+    let (_, c) = one_to_one("caps-change", 20);
+    assert_eq!(c.caps.len(), 2, "{:?}", c.caps);
+    assert!(c.caps[1].contains("width=(int)160"));
+}
