@@ -241,14 +241,14 @@ impl BaseSinkImpl for BufShareSink {
         let Some(socket) = settings.socket.filter(|s| !s.is_empty()) else {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["No socket path set: set the 'socket' property to the UNIX socket path to serve on"]
+                ("No socket path set: set the 'socket' property to the UNIX socket path to serve on")
             ));
         };
         let path = PathBuf::from(&socket);
         check_socket_dir(&path)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ["{}", e]))?;
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
         let listener = Listener::bind(&path).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenWrite, ["{}", e])
+            gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e))
         })?;
         let weak = self.obj().downgrade();
         let server = Server::start(listener, settings.max_inflight as usize, move |events| {
@@ -257,7 +257,7 @@ impl BaseSinkImpl for BufShareSink {
             }
         })
         .map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenWrite, ["Cannot start serving {}: {}", socket, e])
+            gst::error_msg!(gst::ResourceError::OpenWrite, ("Cannot start serving {}: {}", socket, e))
         })?;
         gst::info!(CAT, imp = self, "serving on {}", socket);
         *self.state.lock().unwrap() = Started {
@@ -365,7 +365,7 @@ impl BufShareSink {
 
         let (buffer, memories, refs) = if size <= inline_threshold {
             let map = buffer.map_readable().map_err(|_| {
-                gst::element_imp_error!(self, gst::StreamError::Failed, ["Cannot map a buffer to read it"]);
+                gst::element_imp_error!(self, gst::StreamError::Failed, ("Cannot map a buffer to read it"));
                 gst::FlowError::Error
             })?;
             (buffer.clone(), Vec::new(), vec![MemoryRef::Inline(map.to_vec())])
@@ -450,7 +450,7 @@ impl BufShareSink {
             let pool = BackendBufferPool::configured(self.backend.clone(), None, pool_size as u32, 0, 0)
                 .and_then(|p| p.set_active(true).map(|_| p))
                 .map_err(|e| {
-                    gst::element_imp_error!(self, gst::ResourceError::NoSpaceLeft, ["Cannot set up {} memory for copies: {}", self.backend.name(), e]);
+                    gst::element_imp_error!(self, gst::ResourceError::NoSpaceLeft, ("Cannot set up {} memory for copies: {}", self.backend.name(), e));
                     gst::FlowError::Error
                 })?;
             gst::debug!(CAT, imp = self, "copy pool of {} byte buffers for memory without fds", pool_size);
@@ -484,7 +484,7 @@ impl BufShareSink {
                 Event::Disconnected { client_id, reason, warn } => {
                     if warn {
                         gst::warning!(CAT, imp = self, "dropping consumer {}: {}", client_id, reason);
-                        gst::element_imp_warning!(self, gst::ResourceError::Read, ["Dropped consumer {}: {}", client_id, reason]);
+                        gst::element_imp_warning!(self, gst::ResourceError::Read, ("Dropped consumer {}: {}", client_id, reason));
                     } else {
                         gst::info!(CAT, imp = self, "consumer {} left: {}", client_id, reason);
                     }

@@ -164,12 +164,12 @@ impl BufShareSrc {
 
     fn error_for(&self, e: &ReceiveError, socket: &str) -> gst::ErrorMessage {
         match e {
-            ReceiveError::Timeout(_) => gst::error_msg!(gst::ResourceError::OpenRead, ["Socket {}: {}", socket, e]),
-            ReceiveError::ProducerGone => gst::error_msg!(gst::ResourceError::Read, ["Socket {}: the producer went away", socket]),
-            ReceiveError::Refused(_) => gst::error_msg!(gst::ResourceError::OpenRead, ["Socket {}: {}", socket, e]),
-            ReceiveError::Protocol(_) => gst::error_msg!(gst::StreamError::Decode, ["Socket {}: {}", socket, e]),
-            ReceiveError::Io(_) => gst::error_msg!(gst::ResourceError::Read, ["Socket {}: {}", socket, e]),
-            ReceiveError::Flushing => gst::error_msg!(gst::CoreError::StateChange, ["Socket {}: interrupted", socket]),
+            ReceiveError::Timeout(_) => gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e)),
+            ReceiveError::ProducerGone => gst::error_msg!(gst::ResourceError::Read, ("Socket {}: the producer went away", socket)),
+            ReceiveError::Refused(_) => gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e)),
+            ReceiveError::Protocol(_) => gst::error_msg!(gst::StreamError::Decode, ("Socket {}: {}", socket, e)),
+            ReceiveError::Io(_) => gst::error_msg!(gst::ResourceError::Read, ("Socket {}: {}", socket, e)),
+            ReceiveError::Flushing => gst::error_msg!(gst::CoreError::StateChange, ("Socket {}: interrupted", socket)),
         }
     }
 
@@ -184,7 +184,7 @@ impl BaseSrcImpl for BufShareSrc {
         let Some(socket) = settings.socket.filter(|s| !s.is_empty()) else {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["No socket path set: set the 'socket' property to the path a bufsharesink serves on"]
+                ("No socket path set: set the 'socket' property to the path a bufsharesink serves on")
             ));
         };
         let deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
@@ -261,7 +261,7 @@ impl PushSrcImpl for BufShareSrc {
                 drop(state);
                 gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
                 self.obj().set_caps(&caps).map_err(|_| {
-                    gst::element_imp_error!(self, gst::CoreError::Negotiation, ["Downstream refused the producer's new caps {}", caps]);
+                    gst::element_imp_error!(self, gst::CoreError::Negotiation, ("Downstream refused the producer's new caps {}", caps));
                     gst::FlowError::NotNegotiated
                 })?;
                 continue;

@@ -1,0 +1,349 @@
+//! Element-level tests in one process: gst_check Harness round trips, the
+//! allocation proposal, and bad input (settings, a second producer, scripted
+//! peers that speak another version or send garbage).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gst::prelude::*;
+use gstbufshare::protocol::{self, Hello, Message, Role};
+use gstbufshare::transport::unix::{Listener, UnixChannel};
+use gstbufshare::transport::{Channel, Received};
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstbufshare::plugin_register_static().unwrap();
+    });
+}
+
+fn temp_socket(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bufshare-el-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Brings `element` (alone in a pipeline) to PAUSED and returns the error text, if any.
+fn start_error(element: &gst::Element) -> Option<String> {
+    let pipeline = gst::Pipeline::new();
+    pipeline.add(element).unwrap();
+    let res = pipeline.set_state(gst::State::Paused);
+    let bus = pipeline.bus().unwrap();
+    let err = bus
+        .timed_pop_filtered(gst::ClockTime::from_mseconds(100), &[gst::MessageType::Error])
+        .map(|m| match m.view() {
+            gst::MessageView::Error(e) => format!("{} {:?}", e.error(), e.debug()),
+            _ => unreachable!(),
+        });
+    pipeline.set_state(gst::State::Null).unwrap();
+    pipeline.remove(element).unwrap();
+    assert_eq!(res.is_err(), err.is_some(), "state change result and error message disagree");
+    err
+}
+
+fn sink(socket: &Path) -> gst::Element {
+    gst::ElementFactory::make("bufsharesink")
+        .property("socket", socket.to_str().unwrap())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn sink_without_socket_says_so() {
+    init();
+    let e = gst::ElementFactory::make("bufsharesink").build().unwrap();
+    let err = start_error(&e).expect("must fail");
+    assert!(err.contains("No socket path set"), "{err}");
+}
+
+#[test]
+fn sink_in_missing_or_readonly_directory_names_the_path() {
+    init();
+    let e = sink(Path::new("/nonexistent-bufshare-dir/cam.sock"));
+    let err = start_error(&e).expect("must fail");
+    assert!(err.contains("/nonexistent-bufshare-dir"), "{err}");
+    // A directory we cannot write to (when not root, /proc is a good one; as root, a file path).
+    let file = temp_socket("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = sink(&file.join("cam.sock"));
+    let err = start_error(&e).expect("must fail");
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn second_producer_on_a_live_socket_is_refused_and_stale_socket_is_replaced() {
+    init();
+    let path = temp_socket("live.sock");
+    let first = gst::Pipeline::new();
+    let s1 = sink(&path);
+    first.add(&s1).unwrap();
+    first.set_state(gst::State::Paused).unwrap();
+    let err = start_error(&sink(&path)).expect("second producer must fail");
+    assert!(err.contains("in use by a live producer"), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
+    first.set_state(gst::State::Null).unwrap();
+
+    // A socket file left behind by a dead process is taken over.
+    let stale = temp_socket("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    assert_eq!(start_error(&sink(&stale)), None);
+}
+
+#[test]
+fn src_timeout_says_what_it_waited_for() {
+    init();
+    let path = temp_socket("nobody.sock");
+    let src = gst::ElementFactory::make("bufsharesrc")
+        .property("socket", path.to_str().unwrap())
+        .property("timeout", 200u64)
+        .build()
+        .unwrap();
+    let err = start_error(&src).expect("must time out");
+    assert!(err.contains("timed out waiting for a producer"), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn consumer_refuses_a_producer_of_another_version() {
+    init();
+    let path = temp_socket("v2-producer.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let conn = loop {
+            if let Some(c) = listener.accept().unwrap() {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let hello = Message::Hello(Hello {
+            version: 2,
+            role: Role::Producer,
+            features: 0,
+        });
+        conn.send(&protocol::encode(&hello), &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let src = gst::ElementFactory::make("bufsharesrc")
+        .property("socket", path.to_str().unwrap())
+        .build()
+        .unwrap();
+    let err = start_error(&src).expect("must be refused");
+    assert!(err.contains("producer speaks version 2"), "{err}");
+    assert!(err.contains("consumer speaks version 1"), "{err}");
+    fake.join().unwrap();
+}
+
+fn recv_blocking(c: &UnixChannel) -> Received {
+    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
+    for _ in 0..400 {
+        match c.recv(&mut buf) {
+            Ok(Received::Message { len, fds }) => {
+                buf.truncate(len);
+                return Received::Message { len, fds };
+            }
+            Ok(Received::Closed) => return Received::Closed,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return Received::Closed,
+        }
+    }
+    panic!("nothing received in 2 s");
+}
+
+fn recv_msg(c: &UnixChannel) -> Option<Message> {
+    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
+    for _ in 0..400 {
+        match c.recv(&mut buf) {
+            Ok(Received::Message { len, fds }) => return Some(protocol::decode(&buf[..len], fds.len()).unwrap()),
+            Ok(Received::Closed) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return None,
+        }
+    }
+    panic!("nothing received in 2 s");
+}
+
+/// A producer pipeline with a live test source, and a bus to read warnings from.
+fn live_producer(path: &Path) -> (gst::Pipeline, gst::Element) {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sink = pipeline.by_name("sink").unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    (pipeline, sink)
+}
+
+fn warnings(pipeline: &gst::Pipeline) -> Vec<String> {
+    let bus = pipeline.bus().unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = bus.pop_filtered(&[gst::MessageType::Warning]) {
+        if let gst::MessageView::Warning(w) = m.view() {
+            out.push(w.error().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_peers_are_dropped_and_good_ones_carry_on() {
+    init();
+    let path = temp_socket("hostile.sock");
+    let (pipeline, sink) = live_producer(&path);
+
+    // A well-behaved consumer, in this process.
+    let mut good = gst_check::Harness::new_parse(&format!("bufsharesrc socket={}", path.display()));
+    good.play();
+    assert!(good.pull().is_ok());
+
+    // A consumer speaking version 2 gets REFUSE naming both versions, then the door.
+    let v2 = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&v2), Some(Message::Hello(h)) if h.role == Role::Producer));
+    let hello = Message::Hello(Hello {
+        version: 2,
+        role: Role::Consumer,
+        features: 0,
+    });
+    v2.send(&protocol::encode(&hello), &[]).unwrap();
+    match recv_msg(&v2) {
+        Some(Message::Refuse { reason }) => {
+            assert!(reason.contains("consumer speaks version 2"), "{reason}");
+            assert!(reason.contains("producer speaks version 1"), "{reason}");
+        }
+        other => panic!("expected REFUSE, got {other:?}"),
+    }
+    assert!(matches!(recv_blocking(&v2), Received::Closed));
+
+    // Garbage bytes: dropped.
+    let junk = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&junk), Some(Message::Hello(_))));
+    junk.send(b"GET / HTTP/1.1\r\n\r\n", &[]).unwrap();
+    assert!(matches!(recv_blocking(&junk), Received::Closed));
+
+    // A consumer that releases a frame it never got: dropped.
+    let liar = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&liar), Some(Message::Hello(_))));
+    let hello = Message::Hello(Hello {
+        version: protocol::VERSION,
+        role: Role::Consumer,
+        features: 0,
+    });
+    liar.send(&protocol::encode(&hello), &[]).unwrap();
+    liar.send(&protocol::encode(&Message::Release { frame_ids: vec![u64::MAX - 1] }), &[]).unwrap();
+    loop {
+        if let Received::Closed = recv_blocking(&liar) {
+            break;
+        }
+    }
+
+    // The good consumer never noticed.
+    for _ in 0..10 {
+        assert!(good.pull().is_ok());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let w = warnings(&pipeline);
+    assert!(w.iter().any(|w| w.contains("protocol version mismatch")), "{w:?}");
+    assert!(w.iter().any(|w| w.contains("protocol error")), "{w:?}");
+    assert!(w.iter().any(|w| w.contains("does not hold")), "{w:?}");
+    assert_eq!(sink.property::<u32>("num-clients"), 1);
+    pipeline.set_state(gst::State::Null).unwrap();
+}
+
+#[test]
+fn harness_round_trip_keeps_bytes_timestamps_and_flags() {
+    init();
+    let path = temp_socket("harness.sock");
+    let prod = gst::parse::launch(&format!(
+        "appsrc name=src caps=application/x-test-bytes format=time ! bufsharesink name=sink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let appsrc = prod.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
+    let sink = prod.by_name("sink").unwrap();
+    prod.set_state(gst::State::Playing).unwrap();
+    let mut cons = gst_check::Harness::new_parse(&format!("bufsharesrc socket={} timeout=5000", path.display()));
+    // The consumer waits in start for caps, which the producer has once the first buffer went through.
+    let first = gst::Buffer::from_slice(b"hello");
+    appsrc.push_buffer(first).unwrap();
+    cons.play();
+    assert_eq!(cons.pull().unwrap().map_readable().unwrap().as_slice(), b"hello");
+
+    for (i, size) in [100usize, 5000, 1 << 20].into_iter().enumerate() {
+        let data: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+        let mut buffer = gst::Buffer::from_mut_slice(data.clone());
+        {
+            let b = buffer.get_mut().unwrap();
+            b.set_offset(42 + i as u64);
+            b.set_offset_end(43 + i as u64);
+            b.set_duration(gst::ClockTime::from_mseconds(33));
+            b.set_flags(gst::BufferFlags::DELTA_UNIT);
+        }
+        appsrc.push_buffer(buffer).unwrap();
+        let got = cons.pull().unwrap();
+        assert_eq!(got.map_readable().unwrap().as_slice(), &data[..]);
+        assert_eq!(got.offset(), 42 + i as u64);
+        assert_eq!(got.offset_end(), 43 + i as u64);
+        assert_eq!(got.duration(), Some(gst::ClockTime::from_mseconds(33)));
+        assert!(got.flags().contains(gst::BufferFlags::DELTA_UNIT));
+        // Read-only downstream.
+        assert!(got.peek_memory(0).flags().contains(gst::MemoryFlags::READONLY));
+    }
+    let caps = cons.element().unwrap().static_pad("src").unwrap().current_caps().unwrap();
+    assert_eq!(caps.to_string(), "application/x-test-bytes");
+    appsrc.end_of_stream().unwrap();
+    // EOS crosses the socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(ev) = cons.try_pull_event() {
+            if ev.type_() == gst::EventType::Eos {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no EOS");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = sink.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u64>("frames-rendered").unwrap(), 4);
+    // Two of the buffers came without fds and were large: one copy each. The small ones went inline.
+    assert_eq!(stats.get::<u64>("frames-copied").unwrap(), 2);
+    prod.set_state(gst::State::Null).unwrap();
+}
+
+#[test]
+fn sink_proposes_a_pool_of_fd_memory_with_video_meta() {
+    init();
+    let path = temp_socket("pool.sock");
+    let sink = sink(&path);
+    let pipeline = gst::Pipeline::new();
+    pipeline.add(&sink).unwrap();
+    let _ = pipeline.set_state(gst::State::Paused);
+    let caps: gst::Caps = "video/x-raw,format=NV12,width=320,height=240,framerate=30/1".parse().unwrap();
+    let mut query = gst::query::Allocation::new(Some(&caps), true);
+    assert!(sink.static_pad("sink").unwrap().query(&mut query));
+    let (pool, size, _, _) = query.allocation_pools().next().expect("a pool");
+    let pool = pool.expect("a pool object");
+    assert_eq!(size as usize, 320 * 240 * 3 / 2);
+    assert!(query.find_allocation_meta::<gst_video::VideoMeta>().is_some());
+    let mut config = pool.config();
+    config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
+    pool.set_config(config).unwrap();
+    pool.set_active(true).unwrap();
+    let buffer = pool.acquire_buffer(None).unwrap();
+    assert!(buffer.peek_memory(0).is_memory_type::<gst_allocators::FdMemory>());
+    assert!(buffer.meta::<gst_video::VideoMeta>().is_some());
+    drop(buffer);
+    pool.set_active(false).unwrap();
+    pipeline.set_state(gst::State::Null).unwrap();
+}
