@@ -68,7 +68,12 @@ pub fn tag_memory(
             listeners: Mutex::new(Vec::new()),
         }));
         unsafe {
-            gst::ffi::gst_mini_object_set_qdata(obj, quark, tag as glib::ffi::gpointer, Some(tag_destroyed));
+            gst::ffi::gst_mini_object_set_qdata(
+                obj,
+                quark,
+                tag as glib::ffi::gpointer,
+                Some(tag_destroyed),
+            );
             &*tag
         }
     } else {

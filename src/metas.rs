@@ -5,8 +5,8 @@
 //! GstCustomMeta (name + structure). New kinds go here and in the codec; a
 //! receiver that does not know a kind skips it.
 
-use gst::glib;
 use glib::translate::{from_glib, IntoGlib};
+use gst::glib;
 
 use crate::protocol::{self, Meta};
 
@@ -35,12 +35,10 @@ pub fn from_buffer(buffer: &gst::BufferRef) -> Vec<Meta> {
                 let name = std::ffi::CStr::from_ptr(glib::gobject_ffi::g_type_name((*info).type_))
                     .to_string_lossy()
                     .into_owned();
-                let s = gst::ffi::gst_custom_meta_get_structure(raw as *mut gst::ffi::GstCustomMeta);
+                let s =
+                    gst::ffi::gst_custom_meta_get_structure(raw as *mut gst::ffi::GstCustomMeta);
                 let structure = gst::StructureRef::from_glib_borrow(s).to_string();
-                out.push(Meta::Custom {
-                    name,
-                    structure,
-                });
+                out.push(Meta::Custom { name, structure });
             }
         }
         std::ops::ControlFlow::Continue(())

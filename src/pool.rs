@@ -52,12 +52,10 @@ pub fn allocate_memory(
     backend: &dyn MemoryBackend,
     size: usize,
 ) -> Result<gst::Memory, gst::FlowError> {
-    let block = backend
-        .allocate(&BlockRequest::bytes(size))
-        .map_err(|e| {
-            gst::error!(CAT, "{} backend failed to allocate: {e}", backend.name());
-            gst::FlowError::Error
-        })?;
+    let block = backend.allocate(&BlockRequest::bytes(size)).map_err(|e| {
+        gst::error!(CAT, "{} backend failed to allocate: {e}", backend.name());
+        gst::FlowError::Error
+    })?;
     wrap_block(block, size).map_err(|e| {
         gst::error!(CAT, "wrapping {} memory failed: {e}", backend.name());
         gst::FlowError::Error
@@ -151,7 +149,13 @@ mod imp {
                     .map_err(|_| gst::FlowError::Error)?;
                 }
             }
-            gst::trace!(CAT, imp = self, "allocated a {} byte {} buffer", layout.size, backend.name());
+            gst::trace!(
+                CAT,
+                imp = self,
+                "allocated a {} byte {} buffer",
+                layout.size,
+                backend.name()
+            );
             Ok(buffer)
         }
     }

@@ -33,14 +33,21 @@ fn start_error(element: &gst::Element) -> Option<String> {
     let res = pipeline.set_state(gst::State::Paused);
     let bus = pipeline.bus().unwrap();
     let err = bus
-        .timed_pop_filtered(gst::ClockTime::from_mseconds(100), &[gst::MessageType::Error])
+        .timed_pop_filtered(
+            gst::ClockTime::from_mseconds(100),
+            &[gst::MessageType::Error],
+        )
         .map(|m| match m.view() {
             gst::MessageView::Error(e) => format!("{} {:?}", e.error(), e.debug()),
             _ => unreachable!(),
         });
     pipeline.set_state(gst::State::Null).unwrap();
     pipeline.remove(element).unwrap();
-    assert_eq!(res.is_err(), err.is_some(), "state change result and error message disagree");
+    assert_eq!(
+        res.is_err(),
+        err.is_some(),
+        "state change result and error message disagree"
+    );
     err
 }
 
@@ -159,7 +166,9 @@ fn recv_msg(c: &UnixChannel) -> Option<Message> {
     let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
     for _ in 0..400 {
         match c.recv(&mut buf) {
-            Ok(Received::Message { len, fds }) => return Some(protocol::decode(&buf[..len], fds.len()).unwrap()),
+            Ok(Received::Message { len, fds }) => {
+                return Some(protocol::decode(&buf[..len], fds.len()).unwrap())
+            }
             Ok(Received::Closed) => return None,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5))
@@ -239,7 +248,13 @@ fn bad_peers_are_dropped_and_good_ones_carry_on() {
         features: 0,
     });
     liar.send(&protocol::encode(&hello), &[]).unwrap();
-    liar.send(&protocol::encode(&Message::Release { frame_ids: vec![u64::MAX - 1] }), &[]).unwrap();
+    liar.send(
+        &protocol::encode(&Message::Release {
+            frame_ids: vec![u64::MAX - 1],
+        }),
+        &[],
+    )
+    .unwrap();
     loop {
         if let Received::Closed = recv_blocking(&liar) {
             break;
@@ -252,7 +267,10 @@ fn bad_peers_are_dropped_and_good_ones_carry_on() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let w = warnings(&pipeline);
-    assert!(w.iter().any(|w| w.contains("protocol version mismatch")), "{w:?}");
+    assert!(
+        w.iter().any(|w| w.contains("protocol version mismatch")),
+        "{w:?}"
+    );
     assert!(w.iter().any(|w| w.contains("protocol error")), "{w:?}");
     assert!(w.iter().any(|w| w.contains("does not hold")), "{w:?}");
     assert_eq!(sink.property::<u32>("num-clients"), 1);
@@ -270,15 +288,25 @@ fn harness_round_trip_keeps_bytes_timestamps_and_flags() {
     .unwrap()
     .downcast::<gst::Pipeline>()
     .unwrap();
-    let appsrc = prod.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
+    let appsrc = prod
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
     let sink = prod.by_name("sink").unwrap();
     prod.set_state(gst::State::Playing).unwrap();
-    let mut cons = gst_check::Harness::new_parse(&format!("bufsharesrc socket={} timeout=5000", path.display()));
+    let mut cons = gst_check::Harness::new_parse(&format!(
+        "bufsharesrc socket={} timeout=5000",
+        path.display()
+    ));
     // The consumer waits in start for caps, which the producer has once the first buffer went through.
     let first = gst::Buffer::from_slice(b"hello");
     appsrc.push_buffer(first).unwrap();
     cons.play();
-    assert_eq!(cons.pull().unwrap().map_readable().unwrap().as_slice(), b"hello");
+    assert_eq!(
+        cons.pull().unwrap().map_readable().unwrap().as_slice(),
+        b"hello"
+    );
 
     for (i, size) in [100usize, 5000, 1 << 20].into_iter().enumerate() {
         let data: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
@@ -298,9 +326,18 @@ fn harness_round_trip_keeps_bytes_timestamps_and_flags() {
         assert_eq!(got.duration(), Some(gst::ClockTime::from_mseconds(33)));
         assert!(got.flags().contains(gst::BufferFlags::DELTA_UNIT));
         // Read-only downstream.
-        assert!(got.peek_memory(0).flags().contains(gst::MemoryFlags::READONLY));
+        assert!(got
+            .peek_memory(0)
+            .flags()
+            .contains(gst::MemoryFlags::READONLY));
     }
-    let caps = cons.element().unwrap().static_pad("src").unwrap().current_caps().unwrap();
+    let caps = cons
+        .element()
+        .unwrap()
+        .static_pad("src")
+        .unwrap()
+        .current_caps()
+        .unwrap();
     assert_eq!(caps.to_string(), "application/x-test-bytes");
     appsrc.end_of_stream().unwrap();
     // EOS crosses the socket.
@@ -329,19 +366,25 @@ fn sink_proposes_a_pool_of_fd_memory_with_video_meta() {
     let pipeline = gst::Pipeline::new();
     pipeline.add(&sink).unwrap();
     let _ = pipeline.set_state(gst::State::Paused);
-    let caps: gst::Caps = "video/x-raw,format=NV12,width=320,height=240,framerate=30/1".parse().unwrap();
+    let caps: gst::Caps = "video/x-raw,format=NV12,width=320,height=240,framerate=30/1"
+        .parse()
+        .unwrap();
     let mut query = gst::query::Allocation::new(Some(&caps), true);
     assert!(sink.static_pad("sink").unwrap().query(&mut query));
     let (pool, size, _, _) = query.allocation_pools().next().expect("a pool");
     let pool = pool.expect("a pool object");
     assert_eq!(size as usize, 320 * 240 * 3 / 2);
-    assert!(query.find_allocation_meta::<gst_video::VideoMeta>().is_some());
+    assert!(query
+        .find_allocation_meta::<gst_video::VideoMeta>()
+        .is_some());
     let mut config = pool.config();
     config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
     pool.set_config(config).unwrap();
     pool.set_active(true).unwrap();
     let buffer = pool.acquire_buffer(None).unwrap();
-    assert!(buffer.peek_memory(0).is_memory_type::<gst_allocators::FdMemory>());
+    assert!(buffer
+        .peek_memory(0)
+        .is_memory_type::<gst_allocators::FdMemory>());
     assert!(buffer.meta::<gst_video::VideoMeta>().is_some());
     drop(buffer);
     pool.set_active(false).unwrap();

@@ -49,7 +49,11 @@ impl Proc {
                 assert!(status.success(), "{} exited with {status}", self.1);
                 return;
             }
-            assert!(Instant::now() < deadline, "{} did not finish in 60 s", self.1);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not finish in 60 s",
+                self.1
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -86,7 +90,11 @@ fn producer(socket: &Path, report: &Path, source: &str, frames: u32, wait_client
     // The socket appears once the producer serves.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "producer never served {}", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "producer never served {}",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     Proc(Some(child), "producer")
@@ -102,7 +110,10 @@ fn consumer_cmd(socket: &Path, report: &Path) -> Command {
 }
 
 fn consumer(socket: &Path, report: &Path) -> Proc {
-    Proc(Some(consumer_cmd(socket, report).spawn().unwrap()), "consumer")
+    Proc(
+        Some(consumer_cmd(socket, report).spawn().unwrap()),
+        "consumer",
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -131,7 +142,8 @@ fn read_report(path: &Path) -> Report {
         if let Some(c) = line.strip_prefix("caps ") {
             r.caps.push(c.to_string());
         } else if let Some(rest) = line.strip_prefix("frame ") {
-            let kv: BTreeMap<&str, &str> = rest.split(' ').filter_map(|p| p.split_once('=')).collect();
+            let kv: BTreeMap<&str, &str> =
+                rest.split(' ').filter_map(|p| p.split_once('=')).collect();
             let offset: u64 = kv["offset"].parse().unwrap();
             r.order.push(offset);
             r.frames.insert(
@@ -171,10 +183,16 @@ fn assert_identical(name: &str, prod: &Report, cons: &Report) {
             .frames
             .get(offset)
             .unwrap_or_else(|| panic!("{name} got frame {offset} the producer never rendered"));
-        assert_eq!(f.sum, p.sum, "{name}: frame {offset} differs from the producer's");
+        assert_eq!(
+            f.sum, p.sum,
+            "{name}: frame {offset} differs from the producer's"
+        );
         assert_eq!(f.size, p.size, "{name}: frame {offset} size");
     }
-    assert!(cons.order.windows(2).all(|w| w[0] < w[1]), "{name}: frames out of order");
+    assert!(
+        cons.order.windows(2).all(|w| w[0] < w[1]),
+        "{name}: frames out of order"
+    );
 }
 
 /// Zero copy: the consumer's memory is read-only fd memory over the producer's own files.
@@ -212,9 +230,17 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     let p = read_report(&dir.path("producer.txt"));
     let steady = read_report(&dir.path("steady.txt"));
     let late = read_report(&dir.path("late.txt"));
-    assert_eq!(p.frames.len(), frames as usize, "producer rendered every frame");
+    assert_eq!(
+        p.frames.len(),
+        frames as usize,
+        "producer rendered every frame"
+    );
     // The healthy consumer saw every frame, though one consumer died under it.
-    assert_eq!(steady.frames.len(), frames as usize, "steady consumer lost frames");
+    assert_eq!(
+        steady.frames.len(),
+        frames as usize,
+        "steady consumer lost frames"
+    );
     assert_identical("steady", &p, &steady);
     assert_identical("late", &p, &late);
     assert_same_memory("steady", &p, &steady);
@@ -228,7 +254,10 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     assert_eq!(steady.frames[&0].strides.split(':').count(), 2);
     // Running time lines up: the same frame is at the same clock time in both processes.
     for (offset, f) in &steady.frames {
-        assert_eq!(f.clock, p.frames[offset].clock, "frame {offset}: clock time differs");
+        assert_eq!(
+            f.clock, p.frames[offset].clock,
+            "frame {offset}: clock time differs"
+        );
         assert!(f.clock.is_some());
     }
 }
@@ -237,7 +266,10 @@ fn count_scm_rights_fds(strace_log: &Path) -> usize {
     let text = std::fs::read_to_string(strace_log).unwrap();
     text.lines()
         .filter(|l| l.contains("recvmsg("))
-        .flat_map(|l| l.match_indices("SCM_RIGHTS, cmsg_data=[").map(move |(i, m)| &l[i + m.len()..]))
+        .flat_map(|l| {
+            l.match_indices("SCM_RIGHTS, cmsg_data=[")
+                .map(move |(i, m)| &l[i + m.len()..])
+        })
         .map(|rest| rest[..rest.find(']').unwrap()].split(',').count())
         .sum()
 }
@@ -246,7 +278,10 @@ fn count_scm_rights_fds(strace_log: &Path) -> usize {
 fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
-        Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success()),
+        Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success()),
         "strace is needed to count the fds that cross the socket: apt-get install strace"
     );
     let dir = TempDir::new("fdonce");
@@ -277,7 +312,11 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     assert_eq!(p.frames.len(), frames as usize);
     // Every buffer pushed came back to the producer before it stopped.
     assert_eq!(p.summary["pushed"], frames.to_string());
-    assert_eq!(p.summary["returned"], frames.to_string(), "buffers did not come back");
+    assert_eq!(
+        p.summary["returned"],
+        frames.to_string(),
+        "buffers did not come back"
+    );
     for (name, c) in [("traced", &traced), ("plain", &plain)] {
         assert_identical(name, &p, c);
         assert_same_memory(name, &p, c);
@@ -286,7 +325,11 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     let fds = count_scm_rights_fds(&strace_log);
     let distinct: BTreeSet<u64> = traced.frames.values().map(|f| f.ino).collect();
     assert_eq!(fds, distinct.len(), "fds received vs distinct memories");
-    assert!(fds < traced.frames.len(), "{fds} fds for {} frames", traced.frames.len());
+    assert!(
+        fds < traced.frames.len(),
+        "{fds} fds for {} frames",
+        traced.frames.len()
+    );
 }
 
 fn one_to_one(source: &str, frames: u32) -> (Report, Report) {

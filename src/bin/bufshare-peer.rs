@@ -26,7 +26,9 @@ use gst::prelude::*;
 use gst_allocators::prelude::*;
 
 fn usage() -> ! {
-    eprintln!("usage: bufshare-peer produce|consume --socket PATH [options]; see the source header");
+    eprintln!(
+        "usage: bufshare-peer produce|consume --socket PATH [options]; see the source header"
+    );
     std::process::exit(64)
 }
 
@@ -37,14 +39,19 @@ impl Args {
         let mut map = HashMap::new();
         let mut it = items.iter();
         while let Some(k) = it.next() {
-            let Some(k) = k.strip_prefix("--") else { usage() };
+            let Some(k) = k.strip_prefix("--") else {
+                usage()
+            };
             let v = it.next().unwrap_or_else(|| usage());
             map.insert(k.to_string(), v.clone());
         }
         Args(map)
     }
     fn str(&self, k: &str, default: &str) -> String {
-        self.0.get(k).cloned().unwrap_or_else(|| default.to_string())
+        self.0
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
     }
     fn num(&self, k: &str, default: u64) -> u64 {
         self.0
@@ -146,7 +153,11 @@ fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
         }
         let Some(msg) = bus.timed_pop_filtered(
             gst::ClockTime::from_mseconds(left.as_millis() as u64),
-            &[gst::MessageType::Eos, gst::MessageType::Error, gst::MessageType::Warning],
+            &[
+                gst::MessageType::Eos,
+                gst::MessageType::Error,
+                gst::MessageType::Warning,
+            ],
         ) else {
             continue;
         };
@@ -227,7 +238,9 @@ fn produce(args: &Args) -> Result<(), String> {
             let dur = gst::ClockTime::SECOND / fps as u64;
             pusher = Some(Box::new(move || {
                 for n in 0..frames {
-                    let Some((mut buffer, new_caps)) = gen(n) else { break };
+                    let Some((mut buffer, new_caps)) = gen(n) else {
+                        break;
+                    };
                     if let Some(caps) = new_caps {
                         src.set_caps(Some(&caps));
                     }
@@ -259,29 +272,31 @@ fn produce(args: &Args) -> Result<(), String> {
     let inos = inodes.clone();
     let last_caps = Arc::new(Mutex::new(None::<String>));
     let sink_weak = sink.downgrade();
-    sink.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
-        if let Some(buffer) = info.buffer() {
-            let caps = pad.current_caps().map(|c| c.to_string());
-            let mut lc = last_caps.lock().unwrap();
-            if *lc != caps {
-                rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
-                *lc = caps;
+    sink.static_pad("sink")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+            if let Some(buffer) = info.buffer() {
+                let caps = pad.current_caps().map(|c| c.to_string());
+                let mut lc = last_caps.lock().unwrap();
+                if *lc != caps {
+                    rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
+                    *lc = caps;
+                }
+                let (ino, _, _) = memory_identity(buffer);
+                if ino != 0 {
+                    inos.lock().unwrap().insert(ino);
+                }
+                // The frame's clock time: running time plus base time, as a consumer should see it.
+                let segment = pad.sticky_event::<gst::event::Segment>(0);
+                let clock = segment.and_then(|ev| {
+                    let seg = ev.segment().downcast_ref::<gst::ClockTime>()?.clone();
+                    let rt = seg.to_running_time(buffer.pts()?)?;
+                    Some((rt + sink_weak.upgrade()?.base_time()?).nseconds())
+                });
+                rep.push(frame_line(buffer, clock));
             }
-            let (ino, _, _) = memory_identity(buffer);
-            if ino != 0 {
-                inos.lock().unwrap().insert(ino);
-            }
-            // The frame's clock time: running time plus base time, as a consumer should see it.
-            let segment = pad.sticky_event::<gst::event::Segment>(0);
-            let clock = segment.and_then(|ev| {
-                let seg = ev.segment().downcast_ref::<gst::ClockTime>()?.clone();
-                let rt = seg.to_running_time(buffer.pts()?)?;
-                Some((rt + sink_weak.upgrade()?.base_time()?).nseconds())
-            });
-            rep.push(frame_line(buffer, clock));
-        }
-        gst::PadProbeReturn::Ok
-    });
+            gst::PadProbeReturn::Ok
+        });
 
     pipeline.set_state(gst::State::Paused).map_err(|_| {
         let bus = pipeline.bus().unwrap();
@@ -297,12 +312,17 @@ fn produce(args: &Args) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while sink.property::<u32>("num-clients") < wait_clients {
         if Instant::now() > deadline {
-            return Err(format!("only {} consumers came", sink.property::<u32>("num-clients")));
+            return Err(format!(
+                "only {} consumers came",
+                sink.property::<u32>("num-clients")
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("ready");
-    pipeline.set_state(gst::State::Playing).map_err(|_| "cannot play".to_string())?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|_| "cannot play".to_string())?;
     let pusher_thread = pusher.map(std::thread::spawn);
     let result = run_to_eos(&pipeline, Duration::from_secs(120));
     if let Some(t) = pusher_thread {
@@ -317,10 +337,22 @@ fn produce(args: &Args) -> Result<(), String> {
     let returned_before_stop = returned.load(Ordering::SeqCst);
     let stats = sink.property::<gst::Structure>("stats");
     pipeline.set_state(gst::State::Null).unwrap();
-    let pushed = report.lines.lock().unwrap().iter().filter(|l| l.starts_with("frame ")).count();
+    let pushed = report
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("frame "))
+        .count();
     report.push(format!(
         "summary pushed={pushed} returned={returned_before_stop} inodes={}",
-        inodes.lock().unwrap().iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        inodes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     ));
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
@@ -365,7 +397,8 @@ fn app_source(
             let mut mems = Vec::new();
             let mut maps = Vec::new();
             for _ in 0..slots {
-                let fd = rustix::fs::memfd_create("peer-slot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+                let fd =
+                    rustix::fs::memfd_create("peer-slot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
                 rustix::fs::ftruncate(&fd, size as u64).unwrap();
                 // SAFETY: a fresh shared mapping of our own memfd, never unmapped.
                 let ptr = unsafe {
@@ -389,8 +422,11 @@ fn app_source(
                         .unwrap()
                 });
             }
-            let busy: Arc<Vec<std::sync::atomic::AtomicBool>> =
-                Arc::new((0..slots).map(|_| std::sync::atomic::AtomicBool::new(false)).collect());
+            let busy: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new(
+                (0..slots)
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect(),
+            );
             let gen = move |n: u64| -> Option<(gst::Buffer, Option<gst::Caps>)> {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 let slot = loop {
@@ -405,7 +441,9 @@ fn app_source(
                 };
                 busy[slot].store(true, Ordering::SeqCst);
                 // SAFETY: the slot is free: no buffer, consumer or frame refers to it.
-                fill(n, unsafe { std::slice::from_raw_parts_mut(maps[slot] as *mut u8, size) });
+                fill(n, unsafe {
+                    std::slice::from_raw_parts_mut(maps[slot] as *mut u8, size)
+                });
                 let mut buffer = gst::Buffer::new();
                 buffer.get_mut().unwrap().append_memory(mems[slot].clone());
                 let busy = busy.clone();
@@ -454,16 +492,23 @@ fn app_source(
                 .field("framerate", gst::Fraction::new(fps, 1))
                 .build();
             let gen = move |n: u64| {
-                let floats: Vec<f32> = (0..count).map(|i| (n as f32) * 0.5 + i as f32 / 7.0).collect();
+                let floats: Vec<f32> = (0..count)
+                    .map(|i| (n as f32) * 0.5 + i as f32 / 7.0)
+                    .collect();
                 let bytes: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
                 Some((gst::Buffer::from_mut_slice(bytes), None))
             };
             (caps, Box::new(gen))
         }
         "text" => {
-            let caps = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
+            let caps = gst::Caps::builder("text/x-raw")
+                .field("format", "utf8")
+                .build();
             let gen = move |n: u64| {
-                Some((gst::Buffer::from_mut_slice(format!("line {n}: héllo wörld\n").into_bytes()), None))
+                Some((
+                    gst::Buffer::from_mut_slice(format!("line {n}: héllo wörld\n").into_bytes()),
+                    None,
+                ))
             };
             (caps, Box::new(gen))
         }
@@ -529,7 +574,9 @@ fn consume(args: &Args) -> Result<(), String> {
         lines: Mutex::new(Vec::new()),
     };
     if pipeline.set_state(gst::State::Playing).is_err() {
-        let err = run_to_eos(&pipeline, Duration::from_secs(1)).err().unwrap_or_default();
+        let err = run_to_eos(&pipeline, Duration::from_secs(1))
+            .err()
+            .unwrap_or_default();
         return Err(format!("cannot start: {err}"));
     }
     let mut last_caps = None;
@@ -546,7 +593,10 @@ fn consume(args: &Args) -> Result<(), String> {
                     last_caps = caps;
                 }
                 let buffer = sample.buffer().unwrap();
-                let clock = buffer.pts().zip(pipeline.base_time()).map(|(p, b)| (p + b).nseconds());
+                let clock = buffer
+                    .pts()
+                    .zip(pipeline.base_time())
+                    .map(|(p, b)| (p + b).nseconds());
                 report.push(frame_line(buffer, clock));
                 count += 1;
             }

@@ -218,20 +218,27 @@ fn check_socket_dir(path: &Path) -> Result<(), String> {
         _ => PathBuf::from("."),
     };
     match std::fs::metadata(&dir) {
-        Err(e) => Err(format!("directory {} of socket {}: {e}", dir.display(), path.display())),
+        Err(e) => Err(format!(
+            "directory {} of socket {}: {e}",
+            dir.display(),
+            path.display()
+        )),
         Ok(m) if !m.is_dir() => Err(format!(
             "{} (directory of socket {}) is not a directory",
             dir.display(),
             path.display()
         )),
-        Ok(_) => rustix::fs::access(&dir, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK)
-            .map_err(|e| {
-                format!(
-                    "directory {} of socket {} is not writable: {e}",
-                    dir.display(),
-                    path.display()
-                )
-            }),
+        Ok(_) => rustix::fs::access(
+            &dir,
+            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+        )
+        .map_err(|e| {
+            format!(
+                "directory {} of socket {} is not writable: {e}",
+                dir.display(),
+                path.display()
+            )
+        }),
     }
 }
 
@@ -247,9 +254,8 @@ impl BaseSinkImpl for BufShareSink {
         let path = PathBuf::from(&socket);
         check_socket_dir(&path)
             .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
-        let listener = Listener::bind(&path).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e))
-        })?;
+        let listener = Listener::bind(&path)
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
         let weak = self.obj().downgrade();
         let server = Server::start(listener, settings.max_inflight as usize, move |events| {
             if let Some(obj) = weak.upgrade() {
@@ -257,7 +263,10 @@ impl BaseSinkImpl for BufShareSink {
             }
         })
         .map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenWrite, ("Cannot start serving {}: {}", socket, e))
+            gst::error_msg!(
+                gst::ResourceError::OpenWrite,
+                ("Cannot start serving {}: {}", socket, e)
+            )
         })?;
         gst::info!(CAT, imp = self, "serving on {}", socket);
         *self.state.lock().unwrap() = Started {
@@ -297,7 +306,8 @@ impl BaseSinkImpl for BufShareSink {
                 }
             }
             gst::EventView::Segment(s) => {
-                self.state.lock().unwrap().segment = s.segment().downcast_ref::<gst::ClockTime>().cloned();
+                self.state.lock().unwrap().segment =
+                    s.segment().downcast_ref::<gst::ClockTime>().cloned();
             }
             gst::EventView::FlushStop(_) | gst::EventView::StreamStart(_) => {
                 if let Some(server) = &self.state.lock().unwrap().server {
@@ -309,16 +319,31 @@ impl BaseSinkImpl for BufShareSink {
         self.parent_event(event)
     }
 
-    fn propose_allocation(&self, query: &mut gst::query::Allocation) -> Result<(), gst::LoggableError> {
+    fn propose_allocation(
+        &self,
+        query: &mut gst::query::Allocation,
+    ) -> Result<(), gst::LoggableError> {
         let (caps, need_pool) = query.get_owned();
         if let Some(caps) = caps {
             if let Ok(info) = gst_video::VideoInfo::from_caps(&caps) {
                 if need_pool {
                     let size = info.size() as u32;
-                    let pool = BackendBufferPool::configured(self.backend.clone(), Some(&caps), size, 0, 0)
-                        .map_err(|e| gst::loggable_error!(CAT, "configuring pool: {}", e))?;
+                    let pool = BackendBufferPool::configured(
+                        self.backend.clone(),
+                        Some(&caps),
+                        size,
+                        0,
+                        0,
+                    )
+                    .map_err(|e| gst::loggable_error!(CAT, "configuring pool: {}", e))?;
                     query.add_allocation_pool(Some(&pool), size, 0, 0);
-                    gst::debug!(CAT, imp = self, "proposing a {} pool of {} byte buffers", self.backend.name(), size);
+                    gst::debug!(
+                        CAT,
+                        imp = self,
+                        "proposing a {} pool of {} byte buffers",
+                        self.backend.name(),
+                        size
+                    );
                 }
                 query.add_allocation_meta::<gst_video::VideoMeta>(None);
             }
@@ -365,13 +390,23 @@ impl BufShareSink {
 
         let (buffer, memories, refs) = if size <= inline_threshold {
             let map = buffer.map_readable().map_err(|_| {
-                gst::element_imp_error!(self, gst::StreamError::Failed, ("Cannot map a buffer to read it"));
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Cannot map a buffer to read it")
+                );
                 gst::FlowError::Error
             })?;
-            (buffer.clone(), Vec::new(), vec![MemoryRef::Inline(map.to_vec())])
+            (
+                buffer.clone(),
+                Vec::new(),
+                vec![MemoryRef::Inline(map.to_vec())],
+            )
         } else {
             let shareable = buffer.n_memory() > 0
-                && buffer.iter_memories().all(|m| m.is_memory_type::<gst_allocators::FdMemory>());
+                && buffer
+                    .iter_memories()
+                    .all(|m| m.is_memory_type::<gst_allocators::FdMemory>());
             let buffer = if shareable {
                 buffer.clone()
             } else {
@@ -386,7 +421,8 @@ impl BufShareSink {
                     .downcast_memory_ref::<gst_allocators::FdMemory>()
                     .ok_or(gst::FlowError::Error)?;
                 let root = memtag::root_memory(mem);
-                let mem_id = memtag::tag_memory(mem, server.forget_listener(), |id| server.note_memory(id));
+                let mem_id =
+                    memtag::tag_memory(mem, server.forget_listener(), |id| server.note_memory(id));
                 let kind = if mem.is_memory_type::<gst_allocators::DmaBufMemory>() {
                     protocol::MemoryKind::DmaBuf
                 } else {
@@ -447,14 +483,31 @@ impl BufShareSink {
             }
             // Round up so that slowly growing sizes (audio, tensors) do not make a new pool each time.
             let pool_size = size.next_power_of_two().max(64 * 1024);
-            let pool = BackendBufferPool::configured(self.backend.clone(), None, pool_size as u32, 0, 0)
-                .and_then(|p| p.set_active(true).map(|_| p))
-                .map_err(|e| {
-                    gst::element_imp_error!(self, gst::ResourceError::NoSpaceLeft, ("Cannot set up {} memory for copies: {}", self.backend.name(), e));
-                    gst::FlowError::Error
-                })?;
-            gst::debug!(CAT, imp = self, "copy pool of {} byte buffers for memory without fds", pool_size);
-            *copy_pool = Some(CopyPool { pool: pool.upcast_ref::<BackendBufferPool>().clone(), size: pool_size });
+            let pool =
+                BackendBufferPool::configured(self.backend.clone(), None, pool_size as u32, 0, 0)
+                    .and_then(|p| p.set_active(true).map(|_| p))
+                    .map_err(|e| {
+                        gst::element_imp_error!(
+                            self,
+                            gst::ResourceError::NoSpaceLeft,
+                            (
+                                "Cannot set up {} memory for copies: {}",
+                                self.backend.name(),
+                                e
+                            )
+                        );
+                        gst::FlowError::Error
+                    })?;
+            gst::debug!(
+                CAT,
+                imp = self,
+                "copy pool of {} byte buffers for memory without fds",
+                pool_size
+            );
+            *copy_pool = Some(CopyPool {
+                pool: pool.upcast_ref::<BackendBufferPool>().clone(),
+                size: pool_size,
+            });
         }
         let pool = &copy_pool.as_ref().expect("set above").pool;
         let mut out = pool.acquire_buffer(None)?;
@@ -463,10 +516,16 @@ impl BufShareSink {
             out.set_size(size);
             {
                 let mut map = out.map_writable().map_err(|_| gst::FlowError::Error)?;
-                buffer.copy_to_slice(0, &mut map[..]).map_err(|_| gst::FlowError::Error)?;
+                buffer
+                    .copy_to_slice(0, &mut map[..])
+                    .map_err(|_| gst::FlowError::Error)?;
             }
             buffer
-                .copy_into(out, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
+                .copy_into(
+                    out,
+                    gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS,
+                    ..,
+                )
                 .map_err(|_| gst::FlowError::Error)?;
         }
         Ok(out)
@@ -477,18 +536,40 @@ impl BufShareSink {
         for event in events {
             match event {
                 Event::Connected { client_id, pid } => {
-                    gst::info!(CAT, imp = self, "consumer {} connected (pid {:?})", client_id, pid);
-                    self.obj().emit_by_name::<()>("client-connected", &[&client_id]);
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "consumer {} connected (pid {:?})",
+                        client_id,
+                        pid
+                    );
+                    self.obj()
+                        .emit_by_name::<()>("client-connected", &[&client_id]);
                     changed = true;
                 }
-                Event::Disconnected { client_id, reason, warn } => {
+                Event::Disconnected {
+                    client_id,
+                    reason,
+                    warn,
+                } => {
                     if warn {
-                        gst::warning!(CAT, imp = self, "dropping consumer {}: {}", client_id, reason);
-                        gst::element_imp_warning!(self, gst::ResourceError::Read, ("Dropped consumer {}: {}", client_id, reason));
+                        gst::warning!(
+                            CAT,
+                            imp = self,
+                            "dropping consumer {}: {}",
+                            client_id,
+                            reason
+                        );
+                        gst::element_imp_warning!(
+                            self,
+                            gst::ResourceError::Read,
+                            ("Dropped consumer {}: {}", client_id, reason)
+                        );
                     } else {
                         gst::info!(CAT, imp = self, "consumer {} left: {}", client_id, reason);
                     }
-                    self.obj().emit_by_name::<()>("client-disconnected", &[&client_id]);
+                    self.obj()
+                        .emit_by_name::<()>("client-disconnected", &[&client_id]);
                     changed = true;
                 }
             }

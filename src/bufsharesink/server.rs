@@ -53,8 +53,15 @@ pub struct Outgoing {
 /// Things that happened, for the element to report outside the lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Connected { client_id: u64, pid: Option<i32> },
-    Disconnected { client_id: u64, reason: String, warn: bool },
+    Connected {
+        client_id: u64,
+        pid: Option<i32>,
+    },
+    Disconnected {
+        client_id: u64,
+        reason: String,
+        warn: bool,
+    },
 }
 
 /// Counters for the `stats` property.
@@ -274,7 +281,11 @@ impl Server {
         state.stream.latency = latency;
         if let Some(caps) = state.stream.caps.clone() {
             let msg = Message::Caps { caps, latency };
-            for c in state.clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+            for c in state
+                .clients
+                .iter_mut()
+                .filter(|c| c.phase == Phase::Active)
+            {
                 c.send_control(&msg, None);
             }
         }
@@ -289,7 +300,11 @@ impl Server {
     pub fn send_eos(&self) {
         let mut state = lock(&self.shared.state);
         state.stream.eos = true;
-        for c in state.clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+        for c in state
+            .clients
+            .iter_mut()
+            .filter(|c| c.phase == Phase::Active)
+        {
             c.send_control(&Message::Eos, None);
         }
         drop(state);
@@ -476,7 +491,8 @@ fn service(
     forget_freed(shared, &mut state.clients);
 
     // Clients that were polled, by fd (the list may have changed since).
-    let ready: HashMap<RawFd, PollFlags> = raw.iter().copied().zip(revents.iter().copied()).collect();
+    let ready: HashMap<RawFd, PollFlags> =
+        raw.iter().copied().zip(revents.iter().copied()).collect();
     for client in state.clients.iter_mut() {
         let Some(flags) = ready.get(&client.channel.raw_fd()) else {
             continue;
@@ -595,7 +611,12 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                         h.version,
                         protocol::VERSION
                     );
-                    client.send_control(&Message::Refuse { reason: reason.clone() }, None);
+                    client.send_control(
+                        &Message::Refuse {
+                            reason: reason.clone(),
+                        },
+                        None,
+                    );
                     client.kill(reason, true);
                 } else {
                     client.phase = Phase::Active;
@@ -621,7 +642,9 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(
-                            format!("protocol error: RELEASE of frame {id}, which it does not hold"),
+                            format!(
+                                "protocol error: RELEASE of frame {id}, which it does not hold"
+                            ),
                             true,
                         );
                         return;

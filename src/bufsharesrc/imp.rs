@@ -158,23 +158,43 @@ impl BufShareSrc {
     }
 
     fn parse_caps(&self, caps: &str) -> Result<gst::Caps, ReceiveError> {
-        caps.parse::<gst::Caps>()
-            .map_err(|_| ReceiveError::Protocol(format!("unparsable caps from the producer: {caps}")))
+        caps.parse::<gst::Caps>().map_err(|_| {
+            ReceiveError::Protocol(format!("unparsable caps from the producer: {caps}"))
+        })
     }
 
     fn error_for(&self, e: &ReceiveError, socket: &str) -> gst::ErrorMessage {
         match e {
-            ReceiveError::Timeout(_) => gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e)),
-            ReceiveError::ProducerGone => gst::error_msg!(gst::ResourceError::Read, ("Socket {}: the producer went away", socket)),
-            ReceiveError::Refused(_) => gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e)),
-            ReceiveError::Protocol(_) => gst::error_msg!(gst::StreamError::Decode, ("Socket {}: {}", socket, e)),
-            ReceiveError::Io(_) => gst::error_msg!(gst::ResourceError::Read, ("Socket {}: {}", socket, e)),
-            ReceiveError::Flushing => gst::error_msg!(gst::CoreError::StateChange, ("Socket {}: interrupted", socket)),
+            ReceiveError::Timeout(_) => {
+                gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e))
+            }
+            ReceiveError::ProducerGone => gst::error_msg!(
+                gst::ResourceError::Read,
+                ("Socket {}: the producer went away", socket)
+            ),
+            ReceiveError::Refused(_) => {
+                gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e))
+            }
+            ReceiveError::Protocol(_) => {
+                gst::error_msg!(gst::StreamError::Decode, ("Socket {}: {}", socket, e))
+            }
+            ReceiveError::Io(_) => {
+                gst::error_msg!(gst::ResourceError::Read, ("Socket {}: {}", socket, e))
+            }
+            ReceiveError::Flushing => gst::error_msg!(
+                gst::CoreError::StateChange,
+                ("Socket {}: interrupted", socket)
+            ),
         }
     }
 
     fn socket_name(&self) -> String {
-        self.settings.lock().unwrap().socket.clone().unwrap_or_default()
+        self.settings
+            .lock()
+            .unwrap()
+            .socket
+            .clone()
+            .unwrap_or_default()
     }
 }
 
@@ -190,12 +210,21 @@ impl BaseSrcImpl for BufShareSrc {
         let deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
         let flushing = || self.is_flushing();
         let result = (|| {
-            let mut conn = Connection::connect(&PathBuf::from(&socket), deadline, self.waker.clone(), &flushing)?;
+            let mut conn = Connection::connect(
+                &PathBuf::from(&socket),
+                deadline,
+                self.waker.clone(),
+                &flushing,
+            )?;
             // The producer sends CAPS first; wait for them within the same deadline.
             match conn.next(Some(deadline), &flushing, "waiting for the producer's caps")? {
                 Incoming::Caps { caps, latency } => Ok((conn, self.parse_caps(&caps)?, latency)),
-                Incoming::Eos => Err(ReceiveError::Protocol("producer ended the stream before sending caps".into())),
-                Incoming::Frame(..) => Err(ReceiveError::Protocol("producer sent a frame before caps".into())),
+                Incoming::Eos => Err(ReceiveError::Protocol(
+                    "producer ended the stream before sending caps".into(),
+                )),
+                Incoming::Frame(..) => Err(ReceiveError::Protocol(
+                    "producer sent a frame before caps".into(),
+                )),
             }
         })();
         let (conn, caps, latency) = result.map_err(|e| self.error_for(&e, &socket))?;
@@ -253,7 +282,10 @@ impl BaseSrcImpl for BufShareSrc {
 }
 
 impl PushSrcImpl for BufShareSrc {
-    fn create(&self, _buffer: Option<&mut gst::BufferRef>) -> Result<CreateSuccess, gst::FlowError> {
+    fn create(
+        &self,
+        _buffer: Option<&mut gst::BufferRef>,
+    ) -> Result<CreateSuccess, gst::FlowError> {
         loop {
             let mut state = self.state.lock().unwrap();
             if let Some(caps) = state.pending_caps.take() {
@@ -261,7 +293,11 @@ impl PushSrcImpl for BufShareSrc {
                 drop(state);
                 gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
                 self.obj().set_caps(&caps).map_err(|_| {
-                    gst::element_imp_error!(self, gst::CoreError::Negotiation, ("Downstream refused the producer's new caps {}", caps));
+                    gst::element_imp_error!(
+                        self,
+                        gst::CoreError::Negotiation,
+                        ("Downstream refused the producer's new caps {}", caps)
+                    );
                     gst::FlowError::NotNegotiated
                 })?;
                 continue;
@@ -281,10 +317,16 @@ impl PushSrcImpl for BufShareSrc {
                     let b = buffer.get_mut().expect("fresh buffer");
                     b.set_pts(running(frame.pts));
                     b.set_dts(running(frame.dts));
-                    b.set_duration((frame.duration != protocol::NONE).then(|| gst::ClockTime::from_nseconds(frame.duration)));
+                    b.set_duration(
+                        (frame.duration != protocol::NONE)
+                            .then(|| gst::ClockTime::from_nseconds(frame.duration)),
+                    );
                     b.set_offset(frame.offset);
                     b.set_offset_end(frame.offset_end);
-                    b.set_flags(gst::BufferFlags::from_bits_truncate(frame.flags) - gst::BufferFlags::TAG_MEMORY);
+                    b.set_flags(
+                        gst::BufferFlags::from_bits_truncate(frame.flags)
+                            - gst::BufferFlags::TAG_MEMORY,
+                    );
                     for warning in crate::metas::apply(b, &frame.metas) {
                         gst::warning!(CAT, imp = self, "{}", warning);
                     }
@@ -307,7 +349,9 @@ impl PushSrcImpl for BufShareSrc {
                     }
                     drop(state);
                     if latency_changed {
-                        let _ = self.obj().post_message(gst::message::Latency::builder().src(&*self.obj()).build());
+                        let _ = self.obj().post_message(
+                            gst::message::Latency::builder().src(&*self.obj()).build(),
+                        );
                     }
                 }
                 Ok(Incoming::Eos) => {

@@ -105,8 +105,13 @@ struct FrameGuard {
 
 impl Drop for FrameGuard {
     fn drop(&mut self) {
-        let mut st = self.releaser.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.waiting.push((self.frame_id, std::mem::take(&mut self.roots)));
+        let mut st = self
+            .releaser
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        st.waiting
+            .push((self.frame_id, std::mem::take(&mut self.roots)));
         drop(st);
         self.releaser.waker.wake();
     }
@@ -119,7 +124,12 @@ struct ShareToken {
 
 impl Drop for ShareToken {
     fn drop(&mut self) {
-        let mut st = self.guard.releaser.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self
+            .guard
+            .releaser
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = st.live_shares.get_mut(&self.root) {
             *n -= 1;
             if *n == 0 {
@@ -140,7 +150,8 @@ unsafe extern "C" fn share_token_destroyed(data: glib::ffi::gpointer) {
 /// The caller must hold the only reference to `mem`.
 unsafe fn set_readonly(mem: &gst::Memory) {
     unsafe {
-        (*(mem.as_ptr() as *mut gst::ffi::GstMiniObject)).flags |= gst::ffi::GST_MEMORY_FLAG_READONLY;
+        (*(mem.as_ptr() as *mut gst::ffi::GstMiniObject)).flags |=
+            gst::ffi::GST_MEMORY_FLAG_READONLY;
     }
 }
 
@@ -335,7 +346,9 @@ impl Connection {
             .map(|i| (i.memory.as_ptr() as usize, 1))
             .collect();
         self.releaser.flush(&cached).map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => ReceiveError::ProducerGone,
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                ReceiveError::ProducerGone
+            }
             _ => ReceiveError::Io(e),
         })
     }
@@ -374,16 +387,31 @@ impl Connection {
         }
     }
 
-    fn import(&mut self, mem_id: u64, kind: MemoryKind, size: u64, fd: OwnedFd) -> Result<(), ReceiveError> {
+    fn import(
+        &mut self,
+        mem_id: u64,
+        kind: MemoryKind,
+        size: u64,
+        fd: OwnedFd,
+    ) -> Result<(), ReceiveError> {
         let proto = |m: String| Err(ReceiveError::Protocol(m));
         if self.imports.contains_key(&mem_id) {
-            return proto(format!("REGISTER of memory {mem_id}, which is already registered"));
+            return proto(format!(
+                "REGISTER of memory {mem_id}, which is already registered"
+            ));
         }
         let real_kind = fd_kind(fd.as_fd()).map_err(ReceiveError::Io)?;
         match (kind, real_kind) {
-            (_, None) => return proto(format!("memory {mem_id} is not memory (a pipe, socket or device)")),
-            (MemoryKind::DmaBuf, Some(FdKind::Memfd)) | (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
-                return proto(format!("memory {mem_id}: announced as {kind:?} but the fd is {real_kind:?}"))
+            (_, None) => {
+                return proto(format!(
+                    "memory {mem_id} is not memory (a pipe, socket or device)"
+                ))
+            }
+            (MemoryKind::DmaBuf, Some(FdKind::Memfd))
+            | (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+                return proto(format!(
+                    "memory {mem_id}: announced as {kind:?} but the fd is {real_kind:?}"
+                ))
             }
             _ => {}
         }
@@ -393,14 +421,17 @@ impl Connection {
                 "memory {mem_id} announced with {size} bytes but its fd has {real_size}"
             ));
         }
-        let size_usize = usize::try_from(size).map_err(|_| ReceiveError::Protocol("size too large".into()))?;
+        let size_usize =
+            usize::try_from(size).map_err(|_| ReceiveError::Protocol("size too large".into()))?;
         let raw = fd.into_raw_fd();
         let flags = gst_allocators::FdMemoryFlags::KEEP_MAPPED;
         // SAFETY: the allocator takes ownership of `raw`, which we own.
         let memory = unsafe {
             match kind {
                 MemoryKind::Memfd => FD_ALLOCATOR.alloc_fd(raw, size_usize, flags),
-                MemoryKind::DmaBuf => DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(raw, size_usize, flags),
+                MemoryKind::DmaBuf => {
+                    DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(raw, size_usize, flags)
+                }
             }
         }
         .map_err(|e| ReceiveError::Protocol(format!("cannot import memory {mem_id}: {e}")))?;
@@ -421,11 +452,22 @@ impl Connection {
         let b = buffer.get_mut().expect("new buffer is writable");
         let mut roots = Vec::new();
         for m in &frame.memories {
-            if let MemoryRef::Registered { mem_id, offset, size } = m {
+            if let MemoryRef::Registered {
+                mem_id,
+                offset,
+                size,
+            } = m
+            {
                 let import = self.imports.get(mem_id).ok_or_else(|| {
-                    ReceiveError::Protocol(format!("frame {} names unknown memory {mem_id}", frame.frame_id))
+                    ReceiveError::Protocol(format!(
+                        "frame {} names unknown memory {mem_id}",
+                        frame.frame_id
+                    ))
                 })?;
-                if offset.checked_add(*size).is_none_or(|end| end > import.size) {
+                if offset
+                    .checked_add(*size)
+                    .is_none_or(|end| end > import.size)
+                {
                     return Err(ReceiveError::Protocol(format!(
                         "frame {} addresses bytes {offset}+{size} of memory {mem_id}, which has {}",
                         frame.frame_id, import.size
@@ -449,11 +491,24 @@ impl Connection {
         });
         for m in &frame.memories {
             match m {
-                MemoryRef::Registered { mem_id, offset, size } => {
+                MemoryRef::Registered {
+                    mem_id,
+                    offset,
+                    size,
+                } => {
                     let import = &self.imports[mem_id];
-                    let share = import.memory.share(*offset as usize..(*offset + *size) as usize);
+                    let share = import
+                        .memory
+                        .share(*offset as usize..(*offset + *size) as usize);
                     let root = import.memory.as_ptr() as usize;
-                    *self.releaser.state.lock().unwrap().live_shares.entry(root).or_default() += 1;
+                    *self
+                        .releaser
+                        .state
+                        .lock()
+                        .unwrap()
+                        .live_shares
+                        .entry(root)
+                        .or_default() += 1;
                     let token = Box::into_raw(Box::new(ShareToken {
                         guard: guard.clone().expect("registered memory has a guard"),
                         root,

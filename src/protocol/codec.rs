@@ -27,7 +27,10 @@ pub enum DecodeError {
     /// The datagram is larger than [`MAX_MESSAGE_LEN`].
     TooLong(usize),
     /// The header's body length disagrees with the datagram's length.
-    LengthMismatch { header: usize, actual: usize },
+    LengthMismatch {
+        header: usize,
+        actual: usize,
+    },
     /// The header's fd count disagrees with the fds that came with the datagram,
     /// or with what the message kind carries.
     FdCountMismatch {
@@ -37,13 +40,31 @@ pub enum DecodeError {
     },
     UnknownKind(u16),
     /// The body ended before a field.
-    Truncated { kind: &'static str, field: &'static str },
+    Truncated {
+        kind: &'static str,
+        field: &'static str,
+    },
     /// Bytes left over after the last field.
-    TrailingBytes { kind: &'static str, extra: usize },
+    TrailingBytes {
+        kind: &'static str,
+        extra: usize,
+    },
     BadMagic,
-    BadValue { kind: &'static str, field: &'static str, value: u64 },
-    TooMany { kind: &'static str, field: &'static str, count: usize, max: usize },
-    BadUtf8 { kind: &'static str, field: &'static str },
+    BadValue {
+        kind: &'static str,
+        field: &'static str,
+        value: u64,
+    },
+    TooMany {
+        kind: &'static str,
+        field: &'static str,
+        count: usize,
+        max: usize,
+    },
+    BadUtf8 {
+        kind: &'static str,
+        field: &'static str,
+    },
 }
 
 impl std::fmt::Display for DecodeError {
@@ -142,7 +163,11 @@ fn encode_frame(w: &mut Writer, fr: &Frame) {
     w.u16(fr.metas.len() as u16);
     for m in &fr.memories {
         match m {
-            MemoryRef::Registered { mem_id, offset, size } => {
+            MemoryRef::Registered {
+                mem_id,
+                offset,
+                size,
+            } => {
                 w.u32(MEM_REGISTERED);
                 w.u64(*mem_id);
                 w.u64(*offset);
@@ -197,7 +222,8 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
     }
     let kind = u16::from_le_bytes([datagram[0], datagram[1]]);
     let header_fds = u16::from_le_bytes([datagram[2], datagram[3]]) as usize;
-    let body_len = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]) as usize;
+    let body_len =
+        u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]) as usize;
     let body = &datagram[HEADER_LEN..];
     if body_len != body.len() {
         return Err(DecodeError::LengthMismatch {
@@ -228,7 +254,11 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             r.u8("reserved")?;
             let features = r.u32("features")?;
             r.finish()?;
-            return Ok(Message::Hello(Hello { version, role, features }));
+            return Ok(Message::Hello(Hello {
+                version,
+                role,
+                features,
+            }));
         }
         KIND_REFUSE => {
             let mut r = Reader::new(body, "REFUSE");
@@ -307,7 +337,11 @@ fn decode_frame(r: &mut Reader) -> Result<Frame, DecodeError> {
                 if offset.checked_add(size).is_none() {
                     return Err(r.bad("memory offset+size", offset));
                 }
-                MemoryRef::Registered { mem_id, offset, size }
+                MemoryRef::Registered {
+                    mem_id,
+                    offset,
+                    size,
+                }
             }
             MEM_INLINE => {
                 let len = r.u32("inline length")? as usize;

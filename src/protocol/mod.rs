@@ -106,9 +106,15 @@ pub struct VideoMeta {
 pub enum Meta {
     Video(VideoMeta),
     /// A GstCustomMeta: its registered name and its structure serialized as a string.
-    Custom { name: String, structure: String },
+    Custom {
+        name: String,
+        structure: String,
+    },
     /// A meta kind this build does not know; kept as raw bytes.
-    Unknown { kind: u16, data: Vec<u8> },
+    Unknown {
+        kind: u16,
+        data: Vec<u8>,
+    },
 }
 
 /// One buffer.
@@ -144,13 +150,22 @@ impl Frame {
 pub enum Message {
     Hello(Hello),
     /// The producer refuses this consumer (bad version, ...); the reason is for humans.
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
     /// New stream format. `latency` is the producer's pipeline latency in ns.
-    Caps { caps: String, latency: u64 },
+    Caps {
+        caps: String,
+        latency: u64,
+    },
     Register(Register),
-    Forget { mem_id: u64 },
+    Forget {
+        mem_id: u64,
+    },
     Frame(Frame),
-    Release { frame_ids: Vec<u64> },
+    Release {
+        frame_ids: Vec<u64>,
+    },
     Eos,
 }
 

@@ -15,7 +15,10 @@ pub mod unix;
 /// One datagram received, with the fds that came with it.
 #[derive(Debug)]
 pub enum Received {
-    Message { len: usize, fds: Vec<OwnedFd> },
+    Message {
+        len: usize,
+        fds: Vec<OwnedFd>,
+    },
     /// The peer closed its end.
     Closed,
 }

@@ -200,7 +200,8 @@ impl Channel for UnixChannel {
 
     fn send(&self, datagram: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let iov = [io::IoSlice::new(datagram)];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        let mut space =
+            [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(io::Error::new(
@@ -335,9 +336,10 @@ mod tests {
         let path = tmp_path("stale.sock");
         let first = Listener::bind(&path).unwrap();
         assert!(matches!(Listener::bind(&path), Err(BindError::InUse(_))));
-        // Leave the file behind, as a killed producer would.
-        std::mem::forget(first.fd);
-        std::mem::forget(first.path);
+        drop(first);
+        // A socket file nobody listens on, as a killed producer leaves it.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
         let _ = Listener::bind(&path).unwrap();
     }
 
@@ -345,7 +347,10 @@ mod tests {
     fn regular_file_is_never_replaced() {
         let path = tmp_path("regular");
         std::fs::write(&path, b"keep me").unwrap();
-        assert!(matches!(Listener::bind(&path), Err(BindError::NotASocket(_))));
+        assert!(matches!(
+            Listener::bind(&path),
+            Err(BindError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
     }
 
