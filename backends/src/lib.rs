@@ -69,9 +69,15 @@ pub struct Block {
 #[derive(Debug)]
 pub enum BackendError {
     /// The device or heap could not be opened.
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     /// The allocation itself failed.
-    Allocate { what: String, source: std::io::Error },
+    Allocate {
+        what: String,
+        source: std::io::Error,
+    },
     /// The request cannot be served by this backend.
     Unsupported(String),
 }
@@ -89,7 +95,9 @@ impl std::fmt::Display for BackendError {
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            BackendError::Open { source, .. } | BackendError::Allocate { source, .. } => Some(source),
+            BackendError::Open { source, .. } | BackendError::Allocate { source, .. } => {
+                Some(source)
+            }
             BackendError::Unsupported(_) => None,
         }
     }

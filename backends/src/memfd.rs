@@ -43,11 +43,9 @@ impl MemoryBackend for MemfdBackend {
                 (page_align(size), Some(pitch as u32))
             }
         };
-        let fd = rustix::fs::memfd_create(
-            "bufshare",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(|e| err("memfd_create", e))?;
+        let fd =
+            rustix::fs::memfd_create("bufshare", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+                .map_err(|e| err("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, size as u64).map_err(|e| err("ftruncate", e))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(|e| err("adding seals", e))?;
@@ -69,7 +67,9 @@ mod tests {
 
     #[test]
     fn allocates_sealed_memfd_of_page_aligned_size() {
-        let block = MemfdBackend::new().allocate(&BlockRequest::bytes(1000)).unwrap();
+        let block = MemfdBackend::new()
+            .allocate(&BlockRequest::bytes(1000))
+            .unwrap();
         assert_eq!(block.size, 4096);
         assert_eq!(fd_size(block.fd.as_fd()).unwrap(), 4096);
         assert_eq!(fd_kind(block.fd.as_fd()).unwrap(), Some(MemoryKind::Memfd));
