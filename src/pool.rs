@@ -29,18 +29,27 @@ static FD_ALLOCATOR: LazyLock<gst_allocators::FdAllocator> =
 static DMABUF_ALLOCATOR: LazyLock<gst_allocators::DmaBufAllocator> =
     LazyLock::new(gst_allocators::DmaBufAllocator::new);
 
+/// Wraps an fd as GstFdMemory (memfd) or GstDmaBufMemory (dma-buf) of
+/// `maxsize` bytes, kept mapped once first mapped. Takes ownership of `fd`.
+pub fn wrap_fd(
+    fd: std::os::fd::OwnedFd,
+    kind: MemoryKind,
+    maxsize: usize,
+) -> Result<gst::Memory, glib::BoolError> {
+    let flags = gst_allocators::FdMemoryFlags::KEEP_MAPPED;
+    let fd = fd.into_raw_fd();
+    // SAFETY: the allocator takes ownership of `fd`, which we own and give up here.
+    unsafe {
+        match kind {
+            MemoryKind::Memfd => FD_ALLOCATOR.alloc_fd(fd, maxsize, flags),
+            MemoryKind::DmaBuf => DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(fd, maxsize, flags),
+        }
+    }
+}
+
 /// Wraps a backend block as GStreamer memory of `size` bytes (the block may be larger).
 pub fn wrap_block(block: Block, size: usize) -> Result<gst::Memory, glib::BoolError> {
-    let maxsize = block.size;
-    let flags = gst_allocators::FdMemoryFlags::KEEP_MAPPED;
-    let fd = block.fd.into_raw_fd();
-    // SAFETY: the allocator takes ownership of `fd`, which we own and give up here.
-    let mut mem = unsafe {
-        match block.kind {
-            MemoryKind::Memfd => FD_ALLOCATOR.alloc_fd(fd, maxsize, flags)?,
-            MemoryKind::DmaBuf => DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(fd, maxsize, flags)?,
-        }
-    };
+    let mut mem = wrap_fd(block.fd, block.kind, block.size)?;
     mem.get_mut()
         .expect("fresh memory is writable")
         .resize(0..size);

@@ -15,23 +15,18 @@
 
 use gst::glib;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
-use gst_allocators::prelude::*;
 
 use crate::protocol::{self, Frame, Hello, MemoryKind, MemoryRef, Message, Role};
 use crate::transport::unix::{wait, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
 
-static FD_ALLOCATOR: LazyLock<gst_allocators::FdAllocator> =
-    LazyLock::new(gst_allocators::FdAllocator::new);
-static DMABUF_ALLOCATOR: LazyLock<gst_allocators::DmaBufAllocator> =
-    LazyLock::new(gst_allocators::DmaBufAllocator::new);
 static FRAME_QUARK: LazyLock<glib::Quark> =
     LazyLock::new(|| glib::Quark::from_str("bufshare-frame-guard"));
 
@@ -423,18 +418,12 @@ impl Connection {
         }
         let size_usize =
             usize::try_from(size).map_err(|_| ReceiveError::Protocol("size too large".into()))?;
-        let raw = fd.into_raw_fd();
-        let flags = gst_allocators::FdMemoryFlags::KEEP_MAPPED;
-        // SAFETY: the allocator takes ownership of `raw`, which we own.
-        let memory = unsafe {
-            match kind {
-                MemoryKind::Memfd => FD_ALLOCATOR.alloc_fd(raw, size_usize, flags),
-                MemoryKind::DmaBuf => {
-                    DMABUF_ALLOCATOR.alloc_dmabuf_with_flags(raw, size_usize, flags)
-                }
-            }
-        }
-        .map_err(|e| ReceiveError::Protocol(format!("cannot import memory {mem_id}: {e}")))?;
+        let backend_kind = match kind {
+            MemoryKind::Memfd => FdKind::Memfd,
+            MemoryKind::DmaBuf => FdKind::DmaBuf,
+        };
+        let memory = crate::pool::wrap_fd(fd, backend_kind, size_usize)
+            .map_err(|e| ReceiveError::Protocol(format!("cannot import memory {mem_id}: {e}")))?;
         // Read-only downstream; map once now, it stays mapped (KEEP_MAPPED).
         // SAFETY: we hold the only reference; setting a flag on our own memory.
         unsafe { set_readonly(&memory) };
