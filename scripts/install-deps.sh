@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 (bookworm) packages needed to build bufshare, run its tests, the demo
+# (scripts/demo.sh) and the benchmark. Only missing packages are installed; when everything is
+# already present this prints nothing and does not touch apt.
+#
+# Usage: scripts/install-deps.sh
+set -euo pipefail
+
+packages=(
+  # build: gstreamer-rs finds GStreamer with pkg-config; cc links the cdylib
+  pkg-config
+  gcc
+  libc6-dev
+  libgstreamer1.0-dev
+  libgstreamer-plugins-base1.0-dev
+  # run: gst-launch-1.0 / gst-inspect-1.0, and the elements the demo, tests and benchmark use
+  gstreamer1.0-tools
+  gstreamer1.0-plugins-base       # videotestsrc, videoconvert, videoscale, appsrc/appsink
+  gstreamer1.0-plugins-good       # jpegenc, avimux, mp4mux, rtph264pay, udpsink, v4l2src
+  gstreamer1.0-plugins-bad        # h264parse, fpsdisplaysink, shmsink/shmsrc (benchmark)
+  gstreamer1.0-plugins-ugly       # x264enc
+  gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
+  # tests: count the fds passed with SCM_RIGHTS
+  strace
+)
+
+if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+  echo "install-deps.sh: no dpkg/apt-get here; install the equivalents of these Debian packages yourself:" >&2
+  echo "  ${packages[*]}" >&2
+  exit 0
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+  status=$(dpkg -s "$pkg" 2>/dev/null | sed -n 's/^Status: //p' || true)
+  if [[ "$status" != "install ok installed" ]]; then
+    missing+=("$pkg")
+  fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    echo "install-deps.sh: missing packages (${missing[*]}), and not root and no sudo to install them" >&2
+    exit 1
+  fi
+fi
+
+echo "install-deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+echo "install-deps.sh: done"
