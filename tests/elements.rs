@@ -390,3 +390,53 @@ fn sink_proposes_a_pool_of_fd_memory_with_video_meta() {
     pool.set_active(false).unwrap();
     pipeline.set_state(gst::State::Null).unwrap();
 }
+
+#[test]
+fn queries_are_answered_while_waiting_for_a_stalled_producer() {
+    init();
+    let path = temp_socket("stalled.sock");
+    let prod = gst::parse::launch(&format!(
+        "appsrc name=src caps=video/x-raw,format=GRAY8,width=64,height=64,framerate=30/1 format=time ! bufsharesink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let appsrc = prod
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    prod.set_state(gst::State::Playing).unwrap();
+    appsrc
+        .push_buffer(gst::Buffer::from_mut_slice(vec![7u8; 64 * 64]))
+        .unwrap();
+
+    let mut cons = gst_check::Harness::new_parse(&format!(
+        "bufsharesrc socket={} timeout=5000",
+        path.display()
+    ));
+    cons.play();
+    appsrc
+        .push_buffer(gst::Buffer::from_mut_slice(vec![8u8; 64 * 64]))
+        .unwrap();
+    assert!(cons.pull().is_ok());
+    // The producer sends nothing more: the source now blocks waiting for a frame.
+    std::thread::sleep(Duration::from_millis(100));
+    let src = cons.element().unwrap();
+    let pad = src.static_pad("src").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut latency = gst::query::Latency::new();
+        let answered = pad.query(&mut latency);
+        let caps = pad.query_caps(None);
+        tx.send((answered, latency.result().0, caps.to_string()))
+            .unwrap();
+    });
+    let (answered, live, caps) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("latency and caps queries hung while the source waited for frames");
+    assert!(answered && live);
+    assert!(caps.starts_with("video/x-raw"), "{caps}");
+    prod.set_state(gst::State::Null).unwrap();
+}

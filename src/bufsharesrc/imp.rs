@@ -43,9 +43,10 @@ impl Default for Settings {
     }
 }
 
+/// What the producer said about the stream. Its own lock: queries (caps,
+/// latency) must never wait behind `create`, which blocks for frames.
 #[derive(Default)]
-struct State {
-    connection: Option<Connection>,
+struct Stream {
     caps: Option<gst::Caps>,
     /// Caps received but not yet set on the pad (set before the next buffer).
     pending_caps: Option<gst::Caps>,
@@ -54,7 +55,9 @@ struct State {
 
 pub struct BufShareSrc {
     settings: Mutex<Settings>,
-    state: Mutex<State>,
+    /// The connection; held by `create` while it waits for the producer.
+    connection: Mutex<Option<Connection>>,
+    stream: Mutex<Stream>,
     waker: Arc<Waker>,
     flushing: AtomicBool,
 }
@@ -63,7 +66,8 @@ impl Default for BufShareSrc {
     fn default() -> Self {
         BufShareSrc {
             settings: Mutex::new(Settings::default()),
-            state: Mutex::new(State::default()),
+            connection: Mutex::new(None),
+            stream: Mutex::new(Stream::default()),
             waker: Arc::new(Waker::new().expect("eventfd")),
             flushing: AtomicBool::new(false),
         }
@@ -229,26 +233,27 @@ impl BaseSrcImpl for BufShareSrc {
         })();
         let (conn, caps, latency) = result.map_err(|e| self.error_for(&e, &socket))?;
         gst::info!(CAT, imp = self, "connected to {}, caps {}", socket, caps);
-        *self.state.lock().unwrap() = State {
-            connection: Some(conn),
+        *self.stream.lock().unwrap() = Stream {
             caps: Some(caps),
             pending_caps: None,
             latency,
         };
+        *self.connection.lock().unwrap() = Some(conn);
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        *self.state.lock().unwrap() = State::default();
+        *self.connection.lock().unwrap() = None;
+        *self.stream.lock().unwrap() = Stream::default();
         Ok(())
     }
 
     fn caps(&self, filter: Option<&gst::Caps>) -> Option<gst::Caps> {
-        let state = self.state.lock().unwrap();
-        let caps = state
+        let stream = self.stream.lock().unwrap();
+        let caps = stream
             .pending_caps
             .clone()
-            .or_else(|| state.caps.clone())
+            .or_else(|| stream.caps.clone())
             .unwrap_or_else(gst::Caps::new_any);
         Some(match filter {
             Some(f) => f.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
@@ -258,7 +263,7 @@ impl BaseSrcImpl for BufShareSrc {
 
     fn query(&self, query: &mut gst::QueryRef) -> bool {
         if let gst::QueryViewMut::Latency(q) = query.view_mut() {
-            let latency = gst::ClockTime::from_nseconds(self.state.lock().unwrap().latency);
+            let latency = gst::ClockTime::from_nseconds(self.stream.lock().unwrap().latency);
             q.set(true, latency, gst::ClockTime::NONE);
             return true;
         }
@@ -287,10 +292,15 @@ impl PushSrcImpl for BufShareSrc {
         _buffer: Option<&mut gst::BufferRef>,
     ) -> Result<CreateSuccess, gst::FlowError> {
         loop {
-            let mut state = self.state.lock().unwrap();
-            if let Some(caps) = state.pending_caps.take() {
-                state.caps = Some(caps.clone());
-                drop(state);
+            let pending = {
+                let mut stream = self.stream.lock().unwrap();
+                let pending = stream.pending_caps.take();
+                if let Some(caps) = &pending {
+                    stream.caps = Some(caps.clone());
+                }
+                pending
+            };
+            if let Some(caps) = pending {
                 gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
                 self.obj().set_caps(&caps).map_err(|_| {
                     gst::element_imp_error!(
@@ -303,7 +313,8 @@ impl PushSrcImpl for BufShareSrc {
                 continue;
             }
             let flushing = || self.is_flushing();
-            let conn = state.connection.as_mut().ok_or(gst::FlowError::Flushing)?;
+            let mut connection = self.connection.lock().unwrap();
+            let conn = connection.as_mut().ok_or(gst::FlowError::Flushing)?;
             let incoming = conn.next(None, &flushing, "waiting for frames");
             match incoming {
                 Ok(Incoming::Frame(mut buffer, frame)) => {
@@ -333,21 +344,22 @@ impl PushSrcImpl for BufShareSrc {
                     return Ok(CreateSuccess::NewBuffer(buffer));
                 }
                 Ok(Incoming::Caps { caps, latency }) => {
+                    drop(connection);
                     let caps = match self.parse_caps(&caps) {
                         Ok(c) => c,
                         Err(e) => {
-                            drop(state);
                             let msg = self.error_for(&e, &self.socket_name());
                             self.post_error_message(msg);
                             return Err(gst::FlowError::Error);
                         }
                     };
-                    let latency_changed = latency != state.latency;
-                    state.latency = latency;
-                    if state.caps.as_ref() != Some(&caps) {
-                        state.pending_caps = Some(caps);
+                    let mut stream = self.stream.lock().unwrap();
+                    let latency_changed = latency != stream.latency;
+                    stream.latency = latency;
+                    if stream.caps.as_ref() != Some(&caps) {
+                        stream.pending_caps = Some(caps);
                     }
-                    drop(state);
+                    drop(stream);
                     if latency_changed {
                         let _ = self.obj().post_message(
                             gst::message::Latency::builder().src(&*self.obj()).build(),
@@ -360,8 +372,8 @@ impl PushSrcImpl for BufShareSrc {
                 }
                 Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
                 Err(e) => {
-                    state.connection = None;
-                    drop(state);
+                    *connection = None;
+                    drop(connection);
                     gst::warning!(CAT, imp = self, "{}", e);
                     let msg = self.error_for(&e, &self.socket_name());
                     self.post_error_message(msg);
