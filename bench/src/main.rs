@@ -15,7 +15,9 @@
 //! What it measures, with real processes (the bench re-executes itself for
 //! each producer and consumer, see roles.rs):
 //!
-//! - Part 1, fan-out: a live 1080p30 NV12 `videotestsrc` producer and 1, 2, 4,
+//! - Part 1, fan-out: a live 1080p30 NV12 `videotestsrc pattern=solid-color`
+//!   producer (cheap to render, so its own cost does not drown the
+//!   transport's) and 1, 2, 4,
 //!   8 consumers per transport. For each: frames delivered per consumer, CPU
 //!   time of all processes (total CPU %, and the transport's CPU per frame:
 //!   everything minus what the producer alone costs per frame), and the
@@ -318,7 +320,7 @@ fn part1(ctx: &Context, opts: &Options, transports: &[Transport], errors: &mut V
             scenarios::FANOUT_HEIGHT
         );
         println!(
-            "Baseline, the producer alone (`videotestsrc ! fakesink sync=true`): {} frames in {:.1} s, \
+            "Baseline, the producer alone (`videotestsrc pattern=solid-color ! fakesink sync=true`): {} frames in {:.1} s, \
              CPU {:.1} %, {:.0} µs/frame.\n",
             r.count("produced"),
             r.window_ns as f64 / 1e9,
