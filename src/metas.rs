@@ -15,14 +15,17 @@ pub fn from_buffer(buffer: &gst::BufferRef) -> Vec<Meta> {
     let mut out = Vec::new();
     if let Some(vm) = buffer.meta::<gst_video::VideoMeta>() {
         let n = (vm.n_planes() as usize).min(protocol::MAX_PLANES);
-        out.push(Meta::Video(protocol::VideoMeta {
-            format: vm.format().into_glib() as u32,
-            flags: vm.video_frame_flags().bits(),
-            width: vm.width(),
-            height: vm.height(),
-            offsets: vm.offset()[..n].iter().map(|o| *o as u64).collect(),
-            strides: vm.stride()[..n].to_vec(),
-        }));
+        // A meta with no planes describes nothing; receivers would reject it.
+        if n > 0 {
+            out.push(Meta::Video(protocol::VideoMeta {
+                format: vm.format().into_glib() as u32,
+                flags: vm.video_frame_flags().bits(),
+                width: vm.width(),
+                height: vm.height(),
+                offsets: vm.offset()[..n].iter().map(|o| *o as u64).collect(),
+                strides: vm.stride()[..n].to_vec(),
+            }));
+        }
     }
     buffer.foreach_meta(|meta| {
         // SAFETY: `meta` is a live GstMeta of `buffer`; custom metas are GstCustomMeta.

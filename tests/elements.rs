@@ -440,3 +440,41 @@ fn queries_are_answered_while_waiting_for_a_stalled_producer() {
     assert!(caps.starts_with("video/x-raw"), "{caps}");
     prod.set_state(gst::State::Null).unwrap();
 }
+
+#[test]
+fn caps_too_long_for_a_message_fail_negotiation_with_a_clear_error() {
+    init();
+    let path = temp_socket("longcaps.sock");
+    let long = "x".repeat(protocol::MAX_MESSAGE_LEN);
+    let prod = gst::parse::launch(&format!(
+        "appsrc name=src format=time ! bufsharesink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let appsrc = prod
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    let caps = gst::Caps::builder("application/x-test")
+        .field("blob", &long)
+        .build();
+    appsrc.set_caps(Some(&caps));
+    prod.set_state(gst::State::Playing).unwrap();
+    let _ = appsrc.push_buffer(gst::Buffer::from_mut_slice(vec![0u8; 16]));
+    let bus = prod.bus().unwrap();
+    let err = bus
+        .timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error])
+        .expect("an error");
+    match err.view() {
+        gst::MessageView::Error(e) => assert!(
+            e.error().to_string().contains("do not fit in one message"),
+            "{}",
+            e.error()
+        ),
+        _ => unreachable!(),
+    }
+    prod.set_state(gst::State::Null).unwrap();
+}

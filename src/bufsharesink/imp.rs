@@ -288,11 +288,28 @@ impl BaseSinkImpl for BufShareSink {
     fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
         gst::debug!(CAT, imp = self, "caps {}", caps);
         let latency = self.obj().latency().nseconds();
+        let caps_string = caps.to_string();
+        let encoded = protocol::encode(&protocol::Message::Caps {
+            caps: caps_string.clone(),
+            latency,
+        });
+        if encoded.len() > protocol::MAX_MESSAGE_LEN {
+            gst::element_imp_error!(
+                self,
+                gst::CoreError::Negotiation,
+                (
+                    "Caps of {} bytes do not fit in one message (limit {} bytes)",
+                    caps_string.len(),
+                    protocol::MAX_MESSAGE_LEN
+                )
+            );
+            return Err(gst::loggable_error!(CAT, "caps too long to send"));
+        }
         let mut state = self.state.lock().unwrap();
         // New caps: memory for copies is sized anew on the next buffer.
         state.copy_pool = None;
         if let Some(server) = &state.server {
-            server.set_caps(Some(caps.to_string()), latency);
+            server.set_caps(Some(caps_string), latency);
         }
         Ok(())
     }
@@ -451,7 +468,7 @@ impl BufShareSink {
                 _ => protocol::NONE,
             }
         };
-        let frame = protocol::Frame {
+        let mut frame = protocol::Frame {
             frame_id,
             pts: to_wire(buffer.pts()),
             dts: to_wire(buffer.dts()),
@@ -462,9 +479,27 @@ impl BufShareSink {
             memories: refs,
             metas,
         };
+        let mut frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
+        if frame_bytes.len() > protocol::MAX_MESSAGE_LEN {
+            // Only custom metas can grow this large; a frame without them still goes.
+            gst::warning!(
+                CAT,
+                imp = self,
+                "frame {} with its metas is {} bytes, over the {} byte message limit: dropping its custom metas",
+                frame_id,
+                frame_bytes.len(),
+                protocol::MAX_MESSAGE_LEN
+            );
+            frame
+                .metas
+                .retain(|m| !matches!(m, protocol::Meta::Custom { .. }));
+            frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
+        }
         Ok(Outgoing {
             buffer,
-            frame,
+            frame_id,
+            needs_release: frame.needs_release(),
+            frame_bytes,
             memories,
         })
     }

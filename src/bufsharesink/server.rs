@@ -41,12 +41,16 @@ pub struct SharedMemory {
     pub raw_fd: RawFd,
 }
 
-/// A frame ready to fan out: the message, the memories it names, and the
-/// buffer that keeps them alive while consumers hold the frame.
+/// A frame ready to fan out: the encoded FRAME message, the memories it
+/// names, and the buffer that keeps them alive while consumers hold the frame.
 #[derive(Debug)]
 pub struct Outgoing {
     pub buffer: gst::Buffer,
-    pub frame: protocol::Frame,
+    pub frame_id: u64,
+    /// The encoded FRAME message (at most `protocol::MAX_MESSAGE_LEN` bytes).
+    pub frame_bytes: Vec<u8>,
+    /// Whether consumers hold the frame until RELEASE (it names registered memory).
+    pub needs_release: bool,
     pub memories: Vec<SharedMemory>,
 }
 
@@ -322,9 +326,8 @@ impl Server {
         let state = &mut *guard;
         state.frames_rendered += 1;
         forget_freed(&self.shared, &mut state.clients);
-        let needs_release = out.frame.needs_release();
-        let frame_bytes = protocol::encode(&Message::Frame(out.frame));
-        let frame_id = out_frame_id(&frame_bytes);
+        let (needs_release, frame_bytes, frame_id) =
+            (out.needs_release, &out.frame_bytes, out.frame_id);
         let mut any_dead = false;
         for client in state.clients.iter_mut() {
             if client.phase != Phase::Active || client.dead.is_some() {
@@ -354,7 +357,7 @@ impl Server {
                 client.frames_dropped += 1;
                 continue;
             }
-            match client.channel.send(&frame_bytes, &[]) {
+            match client.channel.send(frame_bytes, &[]) {
                 Ok(()) => {
                     client.frames_sent += 1;
                     if needs_release {
@@ -408,12 +411,6 @@ impl Drop for Server {
         // Dropping the clients drops every frame they held.
         drop(clients);
     }
-}
-
-/// The frame id sits first in a FRAME body; read it back rather than keep a copy.
-fn out_frame_id(frame_bytes: &[u8]) -> u64 {
-    let b = &frame_bytes[protocol::HEADER_LEN..protocol::HEADER_LEN + 8];
-    u64::from_le_bytes(b.try_into().expect("8 bytes"))
 }
 
 /// Sends FORGET for memories that died since last time.
