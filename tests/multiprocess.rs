@@ -373,3 +373,27 @@ fn every_kind_of_stream_arrives_byte_identical() {
     assert_eq!(c.caps.len(), 2, "{:?}", c.caps);
     assert!(c.caps[1].contains("width=(int)160"));
 }
+
+#[test]
+fn consumer_reports_a_producer_that_dies() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("prodgone");
+    let socket = dir.path("gone.sock");
+    let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
+    let cons = consumer_cmd(&socket, &dir.path("c.txt"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    prod.kill9();
+    let out = cons.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "consumer must fail when its producer dies"
+    );
+    assert!(stderr.contains("the producer went away"), "{stderr}");
+    assert!(stderr.contains(socket.to_str().unwrap()), "{stderr}");
+    // It had received frames before that.
+    assert!(!read_report(&dir.path("c.txt")).frames.is_empty());
+}

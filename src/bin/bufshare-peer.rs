@@ -600,13 +600,16 @@ fn consume(args: &Args) -> Result<(), String> {
                 report.push(frame_line(buffer, clock));
                 count += 1;
             }
-            None if sink.is_eos() => break Ok(()),
             None => {
+                // An error comes with an EOS downstream: look at the bus first.
                 let bus = pipeline.bus().unwrap();
                 if let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
                     if let gst::MessageView::Error(e) = m.view() {
                         break Err(format!("{} ({:?})", e.error(), e.debug()));
                     }
+                }
+                if sink.is_eos() {
+                    break Ok(());
                 }
             }
         }
