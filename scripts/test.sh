@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then runs every test of the workspace
 # (protocol unit and property tests, element tests, multi-process pipeline tests).
-# Extra arguments go to `cargo test`.
+# Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh
 exec cargo test --workspace "$@"
