@@ -18,12 +18,35 @@ fn init() {
     });
 }
 
-fn temp_socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bufshare-el-{}", std::process::id()));
+/// A socket path in a directory of its own, removed with everything in it when dropped.
+struct TempSocket(PathBuf);
+
+impl std::ops::Deref for TempSocket {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempSocket {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempSocket {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn temp_socket(name: &str) -> TempSocket {
+    let dir = std::env::temp_dir().join(format!("bufshare-el-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    let _ = std::fs::remove_file(&p);
-    p
+    TempSocket(dir.join(name))
 }
 
 /// Brings `element` (alone in a pipeline) to PAUSED and returns the error text, if any.

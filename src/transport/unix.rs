@@ -325,15 +325,26 @@ pub fn wait(
 mod tests {
     use super::*;
 
-    fn tmp_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bufshare-unit-{}", std::process::id()));
+    /// A path in a fresh directory; the directory goes when the guard drops.
+    struct TmpDir(PathBuf);
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp_path(name: &str) -> (TmpDir, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bufshare-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+        let path = dir.join(name);
+        (TmpDir(dir), path)
     }
 
     #[test]
     fn stale_socket_is_replaced_live_one_is_not() {
-        let path = tmp_path("stale.sock");
+        let (_dir, path) = tmp_path("stale.sock");
         let first = Listener::bind(&path).unwrap();
         assert!(matches!(Listener::bind(&path), Err(BindError::InUse(_))));
         drop(first);
@@ -345,7 +356,7 @@ mod tests {
 
     #[test]
     fn regular_file_is_never_replaced() {
-        let path = tmp_path("regular");
+        let (_dir, path) = tmp_path("regular");
         std::fs::write(&path, b"keep me").unwrap();
         assert!(matches!(
             Listener::bind(&path),
@@ -356,7 +367,7 @@ mod tests {
 
     #[test]
     fn datagrams_and_fds_round_trip() {
-        let path = tmp_path("rt.sock");
+        let (_dir, path) = tmp_path("rt.sock");
         let listener = Listener::bind(&path).unwrap();
         let client = UnixChannel::connect(&path).unwrap();
         let server = listener.accept().unwrap().unwrap();
