@@ -36,16 +36,6 @@ pub struct TimeMap {
 }
 
 impl TimeMap {
-    /// For an element in a pipeline that has a clock and a base time.
-    pub fn for_element(element: &gst::Element) -> Option<TimeMap> {
-        let clock = element.clock()?;
-        let base_time = element.base_time()?.nseconds();
-        Some(TimeMap {
-            base_time,
-            offset: monotonic_offset(&clock),
-        })
-    }
-
     pub fn to_monotonic(&self, running_time: u64) -> u64 {
         (running_time as i128 + self.base_time as i128 + self.offset).clamp(0, u64::MAX as i128 - 1)
             as u64
@@ -56,6 +46,35 @@ impl TimeMap {
     pub fn to_running_time(&self, monotonic: u64) -> u64 {
         (monotonic as i128 - self.offset - self.base_time as i128).clamp(0, u64::MAX as i128 - 1)
             as u64
+    }
+}
+
+/// A [`TimeMap`] source for one element that reads the clock's type once per
+/// clock, not once per frame. A clock other than the monotonic system clock is
+/// paired with CLOCK_MONOTONIC again on every call, since it may drift.
+#[derive(Debug, Default)]
+pub struct TimeMapCache {
+    /// The clock last seen, and its offset when it is the monotonic system clock.
+    clock: Option<(gst::Clock, Option<i128>)>,
+}
+
+impl TimeMapCache {
+    pub fn get(&mut self, element: &gst::Element) -> Option<TimeMap> {
+        let clock = element.clock()?;
+        let base_time = element.base_time()?.nseconds();
+        let fixed = match &self.clock {
+            Some((c, fixed)) if *c == clock => *fixed,
+            _ => {
+                let monotonic = clock
+                    .downcast_ref::<gst::SystemClock>()
+                    .is_some_and(|s| s.clock_type() == gst::ClockType::Monotonic);
+                let fixed = monotonic.then_some(0);
+                self.clock = Some((clock.clone(), fixed));
+                fixed
+            }
+        };
+        let offset = fixed.unwrap_or_else(|| monotonic_offset(&clock));
+        Some(TimeMap { base_time, offset })
     }
 }
 

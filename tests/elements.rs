@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gst::glib;
 use gst::prelude::*;
 use gstbufshare::protocol::{self, Hello, Message, Role};
 use gstbufshare::transport::unix::{Listener, UnixChannel};
@@ -216,6 +217,56 @@ fn live_producer(path: &Path) -> (gst::Pipeline, gst::Element) {
     (pipeline, sink)
 }
 
+/// An appsrc producer on `path`, started, with caps already sent (a first
+/// buffer nobody receives), and a consumer Harness connected to it.
+fn appsrc_pair(
+    path: &Path,
+    caps: &str,
+) -> (
+    gst::Pipeline,
+    gst_app::AppSrc,
+    gst::Element,
+    gst_check::Harness,
+) {
+    let prod = gst::parse::launch(&format!(
+        "appsrc name=src caps={caps} format=time ! bufsharesink name=sink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let appsrc = prod
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    let sink = prod.by_name("sink").unwrap();
+    prod.set_state(gst::State::Playing).unwrap();
+    // The consumer's start waits for caps, which the sink has once a buffer went through.
+    appsrc
+        .push_buffer(gst::Buffer::from_slice(b"before anyone"))
+        .unwrap();
+    let mut cons = gst_check::Harness::new_parse(&format!(
+        "bufsharesrc socket={} timeout=5000",
+        path.display()
+    ));
+    cons.play();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sink.property::<u32>("num-clients") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer never connected"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The first buffer may or may not have reached it: pull up to a marker.
+    appsrc
+        .push_buffer(gst::Buffer::from_slice(b"marker"))
+        .unwrap();
+    while cons.pull().unwrap().map_readable().unwrap().as_slice() != b"marker" {}
+    (prod, appsrc, sink, cons)
+}
+
 fn warnings(pipeline: &gst::Pipeline) -> Vec<String> {
     let bus = pipeline.bus().unwrap();
     let mut out = Vec::new();
@@ -304,28 +355,10 @@ fn bad_peers_are_dropped_and_good_ones_carry_on() {
 fn harness_round_trip_keeps_bytes_timestamps_and_flags() {
     init();
     let path = temp_socket("harness.sock");
-    let prod = gst::parse::launch(&format!(
-        "appsrc name=src caps=application/x-test-bytes format=time ! bufsharesink name=sink socket={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsrc = prod
-        .by_name("src")
-        .unwrap()
-        .downcast::<gst_app::AppSrc>()
+    let (prod, appsrc, sink, mut cons) = appsrc_pair(&path, "application/x-test-bytes");
+    appsrc
+        .push_buffer(gst::Buffer::from_slice(b"hello"))
         .unwrap();
-    let sink = prod.by_name("sink").unwrap();
-    prod.set_state(gst::State::Playing).unwrap();
-    let mut cons = gst_check::Harness::new_parse(&format!(
-        "bufsharesrc socket={} timeout=5000",
-        path.display()
-    ));
-    // The consumer waits in start for caps, which the producer has once the first buffer went through.
-    let first = gst::Buffer::from_slice(b"hello");
-    appsrc.push_buffer(first).unwrap();
-    cons.play();
     assert_eq!(
         cons.pull().unwrap().map_readable().unwrap().as_slice(),
         b"hello"
@@ -375,7 +408,7 @@ fn harness_round_trip_keeps_bytes_timestamps_and_flags() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let stats = sink.property::<gst::Structure>("stats");
-    assert_eq!(stats.get::<u64>("frames-rendered").unwrap(), 4);
+    assert_eq!(stats.get::<u64>("frames-rendered").unwrap(), 6);
     // Two of the buffers came without fds and were large: one copy each. The small ones went inline.
     assert_eq!(stats.get::<u64>("frames-copied").unwrap(), 2);
     prod.set_state(gst::State::Null).unwrap();
@@ -418,28 +451,10 @@ fn sink_proposes_a_pool_of_fd_memory_with_video_meta() {
 fn queries_are_answered_while_waiting_for_a_stalled_producer() {
     init();
     let path = temp_socket("stalled.sock");
-    let prod = gst::parse::launch(&format!(
-        "appsrc name=src caps=video/x-raw,format=GRAY8,width=64,height=64,framerate=30/1 format=time ! bufsharesink socket={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsrc = prod
-        .by_name("src")
-        .unwrap()
-        .downcast::<gst_app::AppSrc>()
-        .unwrap();
-    prod.set_state(gst::State::Playing).unwrap();
-    appsrc
-        .push_buffer(gst::Buffer::from_mut_slice(vec![7u8; 64 * 64]))
-        .unwrap();
-
-    let mut cons = gst_check::Harness::new_parse(&format!(
-        "bufsharesrc socket={} timeout=5000",
-        path.display()
-    ));
-    cons.play();
+    let (prod, appsrc, _sink, mut cons) = appsrc_pair(
+        &path,
+        "video/x-raw,format=GRAY8,width=64,height=64,framerate=30/1",
+    );
     appsrc
         .push_buffer(gst::Buffer::from_mut_slice(vec![8u8; 64 * 64]))
         .unwrap();
@@ -498,6 +513,72 @@ fn caps_too_long_for_a_message_fail_negotiation_with_a_clear_error() {
             e.error()
         ),
         _ => unreachable!(),
+    }
+    prod.set_state(gst::State::Null).unwrap();
+}
+
+/// A buffer over a fresh memfd, and a flag that turns true when GStreamer frees the buffer.
+fn fd_buffer_with_return_flag(
+    size: usize,
+) -> (gst::Buffer, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use gst_allocators::prelude::*;
+    use std::os::fd::IntoRawFd;
+    let fd = rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size as u64).unwrap();
+    let alloc = gst_allocators::FdAllocator::new();
+    // SAFETY: the allocator takes ownership of the fd.
+    let mem = unsafe {
+        alloc
+            .alloc_fd(fd.into_raw_fd(), size, gst_allocators::FdMemoryFlags::NONE)
+            .unwrap()
+    };
+    let mut buffer = gst::Buffer::new();
+    buffer.get_mut().unwrap().append_memory(mem);
+    let returned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    unsafe extern "C" fn notify(data: glib::ffi::gpointer, _obj: *mut gst::ffi::GstMiniObject) {
+        // SAFETY: `data` is the Arc leaked below, given back once.
+        let flag =
+            unsafe { std::sync::Arc::from_raw(data as *const std::sync::atomic::AtomicBool) };
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    // SAFETY: a weak ref on a live buffer; the notify owns one Arc.
+    unsafe {
+        gst::ffi::gst_mini_object_weak_ref(
+            buffer.as_ptr() as *mut gst::ffi::GstMiniObject,
+            Some(notify),
+            std::sync::Arc::into_raw(returned.clone()) as glib::ffi::gpointer,
+        );
+    }
+    (buffer, returned)
+}
+
+#[test]
+fn a_share_made_downstream_keeps_the_producer_buffer() {
+    init();
+    let path = temp_socket("subshare.sock");
+    let (prod, appsrc, _sink, mut cons) = appsrc_pair(&path, "application/x-test");
+
+    let (buffer, returned) = fd_buffer_with_return_flag(64 * 1024);
+    appsrc.push_buffer(buffer).unwrap();
+    let got = cons.pull().unwrap();
+    // Downstream keeps part of the frame: GStreamer parents this share to the import itself.
+    let part = got
+        .copy_region(gst::BufferCopyFlags::MEMORY, 100..200)
+        .unwrap();
+    drop(got);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !returned.load(std::sync::atomic::Ordering::SeqCst),
+        "released while a share of it was alive"
+    );
+    drop(part);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !returned.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never released after the share went"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     prod.set_state(gst::State::Null).unwrap();
 }

@@ -13,7 +13,7 @@ use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use super::server::{Event, Outgoing, Server, SharedMemory};
-use crate::clock::TimeMap;
+use crate::clock::TimeMapCache;
 use crate::memtag;
 use crate::pool::BackendBufferPool;
 use crate::protocol::{self, MemoryRef};
@@ -62,6 +62,7 @@ struct Started {
     segment: Option<gst::FormattedSegment<gst::ClockTime>>,
     next_frame_id: u64,
     frames_copied: u64,
+    time_map: TimeMapCache,
 }
 
 pub struct BufShareSink {
@@ -460,7 +461,7 @@ impl BufShareSink {
             (buffer, memories, refs)
         };
 
-        let time_map = TimeMap::for_element(self.obj().upcast_ref());
+        let time_map = state.time_map.get(self.obj().upcast_ref());
         let to_wire = |t: Option<gst::ClockTime>| -> u64 {
             let running = t.and_then(|t| state.segment.as_ref()?.to_running_time(t));
             match (running, time_map) {

@@ -509,8 +509,11 @@ fn service(
         }
     }
 
-    // Newcomers.
-    loop {
+    // Newcomers, when the listener said so (index 1 of the poll set).
+    let listener_ready = revents
+        .get(1)
+        .is_some_and(|f| f.intersects(PollFlags::IN | PollFlags::ERR));
+    while listener_ready {
         match state.listener.accept() {
             Ok(Some(channel)) => {
                 let id = state.next_client_id;

@@ -14,7 +14,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use super::receiver::{Connection, Incoming, ReceiveError};
-use crate::clock::TimeMap;
+use crate::clock::TimeMapCache;
 use crate::protocol;
 use crate::transport::unix::Waker;
 
@@ -58,6 +58,7 @@ pub struct BufShareSrc {
     /// The connection; held by `create` while it waits for the producer.
     connection: Mutex<Option<Connection>>,
     stream: Mutex<Stream>,
+    time_map: Mutex<TimeMapCache>,
     waker: Arc<Waker>,
     flushing: AtomicBool,
 }
@@ -68,6 +69,7 @@ impl Default for BufShareSrc {
             settings: Mutex::new(Settings::default()),
             connection: Mutex::new(None),
             stream: Mutex::new(Stream::default()),
+            time_map: Mutex::new(TimeMapCache::default()),
             waker: Arc::new(Waker::new().expect("eventfd")),
             flushing: AtomicBool::new(false),
         }
@@ -318,7 +320,7 @@ impl PushSrcImpl for BufShareSrc {
             let incoming = conn.next(None, &flushing, "waiting for frames");
             match incoming {
                 Ok(Incoming::Frame(mut buffer, frame)) => {
-                    let time_map = TimeMap::for_element(self.obj().upcast_ref());
+                    let time_map = self.time_map.lock().unwrap().get(self.obj().upcast_ref());
                     let running = |t: u64| -> Option<gst::ClockTime> {
                         (t != protocol::NONE)
                             .then_some(time_map)

@@ -71,8 +71,8 @@ struct Import {
     size: u64,
 }
 
-/// Release bookkeeping shared with per-frame guards, which run on whatever
-/// thread frees the buffer.
+/// Release bookkeeping, shared with the per-frame shares, which are freed on
+/// whatever thread drops the last buffer.
 struct Releaser {
     channel: Arc<UnixChannel>,
     state: Mutex<ReleaseState>,
@@ -81,56 +81,87 @@ struct Releaser {
 
 #[derive(Default)]
 struct ReleaseState {
-    /// Frames whose shares are gone, waiting until their imports are free of unknown shares.
+    /// References we know of on each import root (by pointer): the cache's
+    /// own, one per live per-frame share, one per root a frame guard holds.
+    /// Always decremented before the reference itself goes, so it never
+    /// exceeds the real count: anything above it is a share made downstream.
+    accounted: HashMap<usize, usize>,
+    /// Frames whose shares are gone but whose roots still carried unknown
+    /// shares; checked again on a short timer.
     waiting: Vec<(u64, Vec<gst::Memory>)>,
-    /// Live per-frame shares on each import root (by pointer).
-    live_shares: HashMap<usize, usize>,
-    /// References that frame guards (downstream or waiting) hold on each root.
-    held_roots: HashMap<usize, usize>,
     /// Ids that could not be sent (socket full), sent at the next chance.
     unsent: Vec<u64>,
 }
 
-/// Lives as qdata on each per-frame share; the last one dropped queues the release.
-struct FrameGuard {
-    frame_id: u64,
-    roots: Vec<gst::Memory>,
-    releaser: Arc<Releaser>,
-}
+impl ReleaseState {
+    fn add(&mut self, root: usize) {
+        *self.accounted.entry(root).or_default() += 1;
+    }
 
-impl Drop for FrameGuard {
-    fn drop(&mut self) {
-        let mut st = self
-            .releaser
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        st.waiting
-            .push((self.frame_id, std::mem::take(&mut self.roots)));
-        drop(st);
-        self.releaser.waker.wake();
+    fn remove(&mut self, root: usize) {
+        if let Some(n) = self.accounted.get_mut(&root) {
+            *n -= 1;
+            if *n == 0 {
+                self.accounted.remove(&root);
+            }
+        }
+    }
+
+    /// Whether no unknown share holds any of `roots`. `dying` is a root whose
+    /// share is being freed right now and still holds its parent reference.
+    fn clean(&self, roots: &[gst::Memory], dying: Option<usize>) -> bool {
+        roots.iter().all(|r| {
+            let key = r.as_ptr() as usize;
+            let allowance = usize::from(dying == Some(key));
+            refcount(r) <= self.accounted.get(&key).copied().unwrap_or(0) + allowance
+        })
+    }
+
+    /// Forgets a released frame's guard references. The caller drops `roots`
+    /// after unlocking, so the count goes down before the references do.
+    fn settle(&mut self, roots: &[gst::Memory]) {
+        for r in roots {
+            self.remove(r.as_ptr() as usize);
+        }
     }
 }
 
+/// What a frame holds: its id and a reference to each import root it uses.
+struct FrameGuard {
+    frame_id: u64,
+    roots: Vec<gst::Memory>,
+}
+
+/// Lives as qdata on each per-frame share. The last one of a frame to be
+/// freed releases the frame, on the thread that freed it.
 struct ShareToken {
     guard: Arc<FrameGuard>,
     root: usize,
+    releaser: Arc<Releaser>,
 }
 
 impl Drop for ShareToken {
     fn drop(&mut self) {
-        let mut st = self
-            .guard
-            .releaser
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = st.live_shares.get_mut(&self.root) {
-            *n -= 1;
-            if *n == 0 {
-                st.live_shares.remove(&self.root);
-            }
+        let releaser = &self.releaser;
+        let mut st = releaser.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.remove(self.root);
+        // Not the frame's last share: nothing more to do.
+        let Some(guard) = Arc::get_mut(&mut self.guard) else {
+            return;
+        };
+        let roots = std::mem::take(&mut guard.roots);
+        let frame_id = guard.frame_id;
+        // This share is still being freed and holds its parent: allow for it.
+        if !st.clean(&roots, Some(self.root)) {
+            st.waiting.push((frame_id, roots));
+            drop(st);
+            releaser.waker.wake();
+            return;
         }
+        st.settle(&roots);
+        drop(st);
+        drop(roots);
+        releaser.send(vec![frame_id]);
     }
 }
 
@@ -160,41 +191,40 @@ fn refcount(mem: &gst::Memory) -> usize {
 }
 
 impl Releaser {
-    /// Sends RELEASE for waiting frames whose imports carry no unknown shares.
-    /// `cached` is the number of references the import cache holds per root.
-    fn flush(&self, cached: &HashMap<usize, usize>) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // References we know of on each root: the cache, live per-frame
-        // shares, and the frame guards' own references.
-        let mut known: HashMap<usize, usize> = cached.clone();
-        for (root, n) in st.live_shares.iter().chain(&st.held_roots) {
-            *known.entry(*root).or_default() += n;
+    /// Sends RELEASE for `frame_ids`; what the socket cannot take now waits
+    /// for the receiving thread. Errors (producer gone) surface there too.
+    fn send(&self, frame_ids: Vec<u64>) {
+        for chunk in frame_ids.chunks(protocol::MAX_RELEASE_IDS) {
+            let msg = protocol::encode(&Message::Release {
+                frame_ids: chunk.to_vec(),
+            });
+            if self.channel.send(&msg, &[]).is_err() {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.unsent.extend_from_slice(chunk);
+                drop(st);
+                self.waker.wake();
+            }
         }
-        let waiting = std::mem::take(&mut st.waiting);
-        let mut released_roots = Vec::new();
+    }
+
+    /// Retries what could not be released or sent before. Cheap when there is nothing.
+    fn flush(&self) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.waiting.is_empty() && st.unsent.is_empty() {
+            return Ok(());
+        }
         let mut ready = std::mem::take(&mut st.unsent);
-        for (frame_id, roots) in waiting {
-            let clean = roots
-                .iter()
-                .all(|r| refcount(r) <= known.get(&(r.as_ptr() as usize)).copied().unwrap_or(0));
-            if clean {
+        let mut released_roots = Vec::new();
+        for (frame_id, roots) in std::mem::take(&mut st.waiting) {
+            if st.clean(&roots, None) {
+                st.settle(&roots);
                 ready.push(frame_id);
                 released_roots.push(roots);
             } else {
                 st.waiting.push((frame_id, roots));
             }
         }
-        for root in released_roots.iter().flatten() {
-            let key = root.as_ptr() as usize;
-            if let Some(n) = st.held_roots.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    st.held_roots.remove(&key);
-                }
-            }
-        }
         drop(st);
-        // The roots' references go only now, after the counts: never fewer known than real.
         drop(released_roots);
         for chunk in ready.chunks(protocol::MAX_RELEASE_IDS) {
             let msg = protocol::encode(&Message::Release {
@@ -203,7 +233,8 @@ impl Releaser {
             match self.channel.send(&msg, &[]) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.state.lock().unwrap().unsent.extend_from_slice(chunk);
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.unsent.extend_from_slice(chunk);
                 }
                 Err(e) => return Err(e),
             }
@@ -335,12 +366,7 @@ impl Connection {
     }
 
     fn flush_releases(&self) -> Result<(), ReceiveError> {
-        let cached: HashMap<usize, usize> = self
-            .imports
-            .values()
-            .map(|i| (i.memory.as_ptr() as usize, 1))
-            .collect();
-        self.releaser.flush(&cached).map_err(|e| match e.kind() {
+        self.releaser.flush().map_err(|e| match e.kind() {
             std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
                 ReceiveError::ProducerGone
             }
@@ -364,7 +390,11 @@ impl Connection {
                     self.import(reg.mem_id, reg.kind, reg.size, fd)?;
                 }
                 Message::Forget { mem_id } => {
-                    self.imports.remove(&mem_id);
+                    if let Some(import) = self.imports.remove(&mem_id) {
+                        let root = import.memory.as_ptr() as usize;
+                        self.releaser.state.lock().unwrap().remove(root);
+                        drop(import);
+                    }
                 }
                 Message::Frame(frame) => {
                     let buffer = self.build(&frame)?;
@@ -432,6 +462,11 @@ impl Connection {
                 ReceiveError::Protocol(format!("cannot map memory {mem_id} of {size} bytes"))
             })?);
         }
+        self.releaser
+            .state
+            .lock()
+            .unwrap()
+            .add(memory.as_ptr() as usize);
         self.imports.insert(mem_id, Import { memory, size });
         Ok(())
     }
@@ -465,17 +500,14 @@ impl Connection {
                 roots.push(import.memory.clone());
             }
         }
-        {
-            let mut st = self.releaser.state.lock().unwrap();
-            for r in &roots {
-                *st.held_roots.entry(r.as_ptr() as usize).or_default() += 1;
-            }
+        let mut st = self.releaser.state.lock().unwrap();
+        for r in &roots {
+            st.add(r.as_ptr() as usize);
         }
         let guard = (!roots.is_empty()).then(|| {
             Arc::new(FrameGuard {
                 frame_id: frame.frame_id,
                 roots,
-                releaser: self.releaser.clone(),
             })
         });
         for m in &frame.memories {
@@ -490,17 +522,11 @@ impl Connection {
                         .memory
                         .share(*offset as usize..(*offset + *size) as usize);
                     let root = import.memory.as_ptr() as usize;
-                    *self
-                        .releaser
-                        .state
-                        .lock()
-                        .unwrap()
-                        .live_shares
-                        .entry(root)
-                        .or_default() += 1;
+                    st.add(root);
                     let token = Box::into_raw(Box::new(ShareToken {
                         guard: guard.clone().expect("registered memory has a guard"),
                         root,
+                        releaser: self.releaser.clone(),
                     }));
                     // SAFETY: the share is ours alone; the token is freed by its destroy notify.
                     unsafe {
