@@ -513,30 +513,32 @@ fn service(
     let listener_ready = revents
         .get(1)
         .is_some_and(|f| f.intersects(PollFlags::IN | PollFlags::ERR));
-    while listener_ready {
-        match state.listener.accept() {
-            Ok(Some(channel)) => {
-                let id = state.next_client_id;
-                state.next_client_id += 1;
-                let mut client = Client {
-                    id,
-                    pid: channel.peer_pid(),
-                    channel,
-                    phase: Phase::AwaitingHello {
-                        since: Instant::now(),
-                    },
-                    registered: HashSet::new(),
-                    inflight: HashMap::new(),
-                    queued: VecDeque::new(),
-                    frames_sent: 0,
-                    frames_dropped: 0,
-                    dead: None,
-                };
-                client.send_control(&hello(), None);
-                state.clients.push(client);
+    if listener_ready {
+        loop {
+            match state.listener.accept() {
+                Ok(Some(channel)) => {
+                    let id = state.next_client_id;
+                    state.next_client_id += 1;
+                    let mut client = Client {
+                        id,
+                        pid: channel.peer_pid(),
+                        channel,
+                        phase: Phase::AwaitingHello {
+                            since: Instant::now(),
+                        },
+                        registered: HashSet::new(),
+                        inflight: HashMap::new(),
+                        queued: VecDeque::new(),
+                        frames_sent: 0,
+                        frames_dropped: 0,
+                        dead: None,
+                    };
+                    client.send_control(&hello(), None);
+                    state.clients.push(client);
+                }
+                Ok(None) => break,
+                Err(_) => break,
             }
-            Ok(None) => break,
-            Err(_) => break,
         }
     }
 
