@@ -239,6 +239,13 @@ impl Fleet {
             .filter(|i| !order.contains(i))
             .collect();
         order.extend(rest);
+        // Tell the first group to quit all at once, so none waits behind another's shutdown.
+        for c in first {
+            let child = &mut self.children[c.0];
+            if !child.reaped {
+                send(child, "quit");
+            }
+        }
         let mut reports = Vec::new();
         for i in order {
             if !self.children[i].reaped {
