@@ -33,6 +33,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -293,7 +296,7 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     let traced = Proc(
         Some(
             Command::new("strace")
-                .args(["-f", "-e", "trace=recvmsg", "-o"])
+                .args(["-f", "-e", "trace=recvmsg,mmap", "-o"])
                 .arg(&strace_log)
                 .arg(PEER)
                 .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
@@ -329,6 +332,39 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         fds < traced.frames.len(),
         "{fds} fds for {} frames",
         traced.frames.len()
+    );
+    // And each is mapped once, not once a frame, although the consumer read
+    // every byte of every frame: count the shared mappings of received fds.
+    let log = std::fs::read_to_string(&strace_log).unwrap();
+    let received: BTreeSet<String> = log
+        .lines()
+        .flat_map(|l| {
+            l.match_indices("SCM_RIGHTS, cmsg_data=[")
+                .map(move |(i, m)| &l[i + m.len()..])
+        })
+        .flat_map(|rest| {
+            rest[..rest.find(']').unwrap()]
+                .split(',')
+                .map(|fd| fd.trim().to_string())
+        })
+        .collect();
+    let shared_maps = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("mmap(")?
+                .1
+                .split_once(')')
+                .map(|(args, _)| args.to_string())
+        })
+        .filter(|args| {
+            let a: Vec<&str> = args.split(", ").collect();
+            a.len() == 6 && a[3].contains("MAP_SHARED") && received.contains(a[4])
+        })
+        .count();
+    assert_eq!(
+        shared_maps,
+        distinct.len(),
+        "shared mappings vs distinct memories"
     );
 }
 
