@@ -453,7 +453,9 @@ fn io_loop(shared: &Shared) {
                 continue;
             }
         };
-        shared.waker.drain();
+        if revents[0].contains(rustix::event::PollFlags::IN) {
+            shared.waker.drain();
+        }
         let events = {
             let mut guard = lock(&shared.state);
             service(shared, &mut guard, &raw, &revents, &mut buf)
@@ -488,12 +490,15 @@ fn service(
     forget_freed(shared, &mut state.clients);
 
     // Clients that were polled, by fd (the list may have changed since).
-    let ready: HashMap<RawFd, PollFlags> =
-        raw.iter().copied().zip(revents.iter().copied()).collect();
-    for client in state.clients.iter_mut() {
-        let Some(flags) = ready.get(&client.channel.raw_fd()) else {
+    // Only this thread adds or removes clients, so they are still in poll-set
+    // order (after the waker and the listener); the fd check is a safety net.
+    for (i, client) in state.clients.iter_mut().enumerate() {
+        let (Some(fd), Some(flags)) = (raw.get(i + 2), revents.get(i + 2)) else {
             continue;
         };
+        if *fd != client.channel.raw_fd() {
+            continue;
+        }
         if flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
             read_client(client, &state.stream, buf, &mut events);
         }

@@ -360,8 +360,10 @@ impl Connection {
                 timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
             }
             let fds = [(self.channel.as_fd(), false), (self.waker.as_fd(), false)];
-            wait(&fds, timeout).map_err(ReceiveError::Io)?;
-            self.waker.drain();
+            let revents = wait(&fds, timeout).map_err(ReceiveError::Io)?;
+            if revents[1].contains(rustix::event::PollFlags::IN) {
+                self.waker.drain();
+            }
         }
     }
 
