@@ -5,10 +5,11 @@
 //! Each registered memory is imported once (GstFdMemory or GstDmaBufMemory,
 //! read-only, kept mapped) and stays in the cache until FORGET. A frame's
 //! memories are per-frame shares of those imports. When the last per-frame
-//! share of a frame is freed, the frame may be released, but only if nobody
-//! downstream made a share of its own: GStreamer parents such shares to the
-//! import itself, so we count the references we know of on each import and
-//! hold the release back while there are more (checked again on a short timer).
+//! share of a frame is freed, the frame is released right there, on the
+//! thread that freed it, but only if nobody downstream made a share of its
+//! own: GStreamer parents such shares to the import itself, so we count the
+//! references we know of on each import and hold the release back while there
+//! are more (the receiving thread checks again on a short timer).
 //!
 //! A future reconnect mode replaces the [`Connection`]; nothing else here
 //! outlives it.
