@@ -192,20 +192,33 @@ fn refcount(mem: &gst::Memory) -> usize {
 }
 
 impl Releaser {
-    /// Sends RELEASE for `frame_ids`; what the socket cannot take now waits
-    /// for the receiving thread. Errors (producer gone) surface there too.
+    /// Sends RELEASE for `frame_ids`, on the thread that freed the frame.
+    /// What cannot go now waits for the receiving thread, which is woken to
+    /// retry it (and to report the error, if the producer is gone).
     fn send(&self, frame_ids: Vec<u64>) {
+        if !matches!(self.send_release(&frame_ids), Ok(false)) {
+            self.waker.wake();
+        }
+    }
+
+    /// Sends RELEASE messages for `frame_ids`. Ids the socket does not take
+    /// are kept in `unsent`; answers whether any were, or the hard error.
+    fn send_release(&self, frame_ids: &[u64]) -> std::io::Result<bool> {
+        let mut kept = false;
         for chunk in frame_ids.chunks(protocol::MAX_RELEASE_IDS) {
             let msg = protocol::encode(&Message::Release {
                 frame_ids: chunk.to_vec(),
             });
-            if self.channel.send(&msg, &[]).is_err() {
+            if let Err(e) = self.channel.send(&msg, &[]) {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.unsent.extend_from_slice(chunk);
-                drop(st);
-                self.waker.wake();
+                kept = true;
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
             }
         }
+        Ok(kept)
     }
 
     /// Retries what could not be released or sent before. Cheap when there is nothing.
@@ -227,19 +240,7 @@ impl Releaser {
         }
         drop(st);
         drop(released_roots);
-        for chunk in ready.chunks(protocol::MAX_RELEASE_IDS) {
-            let msg = protocol::encode(&Message::Release {
-                frame_ids: chunk.to_vec(),
-            });
-            match self.channel.send(&msg, &[]) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.unsent.extend_from_slice(chunk);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.send_release(&ready)?;
         Ok(())
     }
 
