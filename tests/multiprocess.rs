@@ -265,16 +265,21 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     }
 }
 
-fn count_scm_rights_fds(strace_log: &Path) -> usize {
-    let text = std::fs::read_to_string(strace_log).unwrap();
-    text.lines()
+/// The fds that arrived with SCM_RIGHTS, as numbers, in an strace log.
+fn scm_rights_fds(strace_log: &str) -> Vec<String> {
+    strace_log
+        .lines()
         .filter(|l| l.contains("recvmsg("))
         .flat_map(|l| {
             l.match_indices("SCM_RIGHTS, cmsg_data=[")
                 .map(move |(i, m)| &l[i + m.len()..])
         })
-        .map(|rest| rest[..rest.find(']').unwrap()].split(',').count())
-        .sum()
+        .flat_map(|rest| {
+            rest[..rest.find(']').unwrap()]
+                .split(',')
+                .map(|fd| fd.trim().to_string())
+        })
+        .collect()
 }
 
 #[test]
@@ -325,7 +330,8 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         assert_same_memory(name, &p, c);
     }
     // One fd per distinct producer memory, not one per frame.
-    let fds = count_scm_rights_fds(&strace_log);
+    let log = std::fs::read_to_string(&strace_log).unwrap();
+    let fds = scm_rights_fds(&log).len();
     let distinct: BTreeSet<u64> = traced.frames.values().map(|f| f.ino).collect();
     assert_eq!(fds, distinct.len(), "fds received vs distinct memories");
     assert!(
@@ -335,19 +341,7 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     );
     // And each is mapped once, not once a frame, although the consumer read
     // every byte of every frame: count the shared mappings of received fds.
-    let log = std::fs::read_to_string(&strace_log).unwrap();
-    let received: BTreeSet<String> = log
-        .lines()
-        .flat_map(|l| {
-            l.match_indices("SCM_RIGHTS, cmsg_data=[")
-                .map(move |(i, m)| &l[i + m.len()..])
-        })
-        .flat_map(|rest| {
-            rest[..rest.find(']').unwrap()]
-                .split(',')
-                .map(|fd| fd.trim().to_string())
-        })
-        .collect();
+    let received: BTreeSet<String> = scm_rights_fds(&log).into_iter().collect();
     let shared_maps = log
         .lines()
         .filter_map(|l| {
