@@ -284,14 +284,7 @@ impl Server {
         state.stream.caps = caps;
         state.stream.latency = latency;
         if let Some(caps) = state.stream.caps.clone() {
-            let msg = Message::Caps { caps, latency };
-            for c in state
-                .clients
-                .iter_mut()
-                .filter(|c| c.phase == Phase::Active)
-            {
-                c.send_control(&msg, None);
-            }
+            broadcast(&mut state.clients, &Message::Caps { caps, latency });
         }
         drop(state);
         self.shared.waker.wake();
@@ -304,13 +297,7 @@ impl Server {
     pub fn send_eos(&self) {
         let mut state = lock(&self.shared.state);
         state.stream.eos = true;
-        for c in state
-            .clients
-            .iter_mut()
-            .filter(|c| c.phase == Phase::Active)
-        {
-            c.send_control(&Message::Eos, None);
-        }
+        broadcast(&mut state.clients, &Message::Eos);
         drop(state);
         self.shared.waker.wake();
     }
@@ -410,6 +397,13 @@ impl Drop for Server {
         }
         // Dropping the clients drops every frame they held.
         drop(clients);
+    }
+}
+
+/// Sends a control message to every consumer past the handshake.
+fn broadcast(clients: &mut [Client], msg: &Message) {
+    for c in clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+        c.send_control(msg, None);
     }
 }
 
