@@ -567,3 +567,79 @@ fn a_share_made_downstream_keeps_the_producer_buffer() {
     }
     prod.set_state(gst::State::Null).unwrap();
 }
+
+/// A consumer with on-disconnect=reconnect and a retry interval far longer than the test.
+fn reconnecting_consumer(path: &Path) -> (gst::Pipeline, gst::Element) {
+    let pipeline = gst::parse::launch(&format!(
+        "bufsharesrc name=src socket={} on-disconnect=reconnect reconnect-interval=600000 ! fakesink",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = pipeline.by_name("src").unwrap();
+    (pipeline, src)
+}
+
+/// Sets `pipeline` to NULL and answers how long that took.
+fn time_to_null(pipeline: &gst::Pipeline) -> Duration {
+    let started = std::time::Instant::now();
+    pipeline.set_state(gst::State::Null).unwrap();
+    started.elapsed()
+}
+
+#[test]
+fn reconnecting_src_plays_without_a_producer_and_stops_at_once() {
+    init();
+    let path = temp_socket("nobody.sock");
+    let (pipeline, src) = reconnecting_consumer(&path);
+    // The source reaches PLAYING with no producer and no caps yet (live: no
+    // preroll). The sink, as behind any live source, completes its own change
+    // to PLAYING with the first buffer.
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (res, _, _) = src.state(gst::ClockTime::from_seconds(10));
+    assert_eq!(res, Ok(gst::StateChangeSuccess::Success));
+    assert_eq!(src.current_state(), gst::State::Playing);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!src.property::<bool>("connected"));
+    // Queries are answered while it waits for a producer.
+    let pad = src.static_pad("src").unwrap();
+    let mut latency = gst::query::Latency::new();
+    assert!(pad.query(&mut latency));
+    assert!(latency.result().0, "live");
+    // Stopping does not wait for the next attempt, 10 minutes away.
+    let took = time_to_null(&pipeline);
+    assert!(took < Duration::from_secs(10), "NULL took {took:?}");
+    let bus = pipeline.bus().unwrap();
+    assert!(bus.pop_filtered(&[gst::MessageType::Error]).is_none());
+}
+
+#[test]
+fn reconnecting_src_stops_at_once_after_its_producer_left() {
+    init();
+    let path = temp_socket("left.sock");
+    let (prod, _sink) = live_producer(&path);
+    let (pipeline, src) = reconnecting_consumer(&path);
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !src.property::<bool>("connected") {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    prod.set_state(gst::State::Null).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while src.property::<bool>("connected") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw the producer leave"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let warned = warnings(&pipeline);
+    assert!(
+        warned.iter().any(|w| w.contains("the producer went away")),
+        "{warned:?}"
+    );
+    let took = time_to_null(&pipeline);
+    assert!(took < Duration::from_secs(10), "NULL took {took:?}");
+}
