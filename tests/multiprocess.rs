@@ -446,9 +446,13 @@ fn consumer_reports_a_producer_that_dies() {
 /// A consumer's report read in order, cut into one run per caps line: with
 /// `on-disconnect=reconnect` each producer's frames follow its caps, and the
 /// frame offsets start again with each producer.
+/// (offset, checksum, size) of one received frame.
+type RunFrame = (u64, String, u64);
+
 #[derive(Debug, Default)]
 struct Runs {
-    runs: Vec<(String, Vec<(u64, String, u64)>)>,
+    /// Caps, then the frames that followed them.
+    runs: Vec<(String, Vec<RunFrame>)>,
     /// `at=` of the first frame of each run: CLOCK_MONOTONIC ns when it was pulled.
     first_at: Vec<u64>,
     warnings: Vec<String>,
@@ -485,7 +489,7 @@ fn read_runs(path: &Path) -> Runs {
 }
 
 /// Every frame of `run` is the producer's, byte for byte, and it got all of them, in order.
-fn assert_run_is_whole(name: &str, prod: &Report, run: &[(u64, String, u64)]) {
+fn assert_run_is_whole(name: &str, prod: &Report, run: &[RunFrame]) {
     let offsets: Vec<u64> = run.iter().map(|f| f.0).collect();
     let expected: Vec<u64> = prod.frames.keys().copied().collect();
     assert_eq!(offsets, expected, "{name}: frames received vs rendered");
