@@ -588,7 +588,7 @@ fn consume(args: &Args) -> Result<(), String> {
         .property("socket", &socket)
         .property("timeout", args.num("timeout", 5000))
         .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
-        .property("reconnect-interval", args.num("reconnect-interval", 500))
+        .property("reconnect-interval", args.num("reconnect-interval", 100))
         .build()
         .map_err(|e| e.to_string())?;
     let hold = args.num("hold", 0) as usize;

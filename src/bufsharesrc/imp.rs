@@ -30,7 +30,7 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
-const DEFAULT_RECONNECT_INTERVAL_MS: u64 = 500;
+const DEFAULT_RECONNECT_INTERVAL_MS: u64 = 100;
 
 /// What the element does when its producer goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, glib::Enum)]
