@@ -13,7 +13,7 @@
 //!
 //! The element's reconnect mode replaces the [`Connection`] when its producer
 //! goes away. Frames of the old connection may still be alive downstream:
-//! their shares hold the old [`Releaser`], whose channel is the old (shut
+//! their shares hold the old `Releaser`, whose channel is the old (shut
 //! down) socket, so their releases fail quietly there and never reach the new
 //! producer, whose frame ids may collide. Their imports stay mapped until the
 //! last share is freed.
