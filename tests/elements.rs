@@ -567,3 +567,156 @@ fn a_share_made_downstream_keeps_the_producer_buffer() {
     }
     prod.set_state(gst::State::Null).unwrap();
 }
+
+/// A consumer with on-disconnect=reconnect and a retry interval far longer than the test.
+fn reconnecting_consumer(path: &Path) -> (gst::Pipeline, gst::Element) {
+    let pipeline = gst::parse::launch(&format!(
+        "bufsharesrc name=src socket={} on-disconnect=reconnect reconnect-interval=600000 ! fakesink",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = pipeline.by_name("src").unwrap();
+    (pipeline, src)
+}
+
+/// Sets `pipeline` to NULL and answers how long that took.
+fn time_to_null(pipeline: &gst::Pipeline) -> Duration {
+    let started = std::time::Instant::now();
+    pipeline.set_state(gst::State::Null).unwrap();
+    started.elapsed()
+}
+
+#[test]
+fn reconnecting_src_plays_without_a_producer_and_stops_at_once() {
+    init();
+    let path = temp_socket("nobody.sock");
+    let (pipeline, src) = reconnecting_consumer(&path);
+    // The source reaches PLAYING with no producer and no caps yet (live: no
+    // preroll). The sink, as behind any live source, completes its own change
+    // to PLAYING with the first buffer.
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (res, _, _) = src.state(gst::ClockTime::from_seconds(10));
+    assert_eq!(res, Ok(gst::StateChangeSuccess::Success));
+    assert_eq!(src.current_state(), gst::State::Playing);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!src.property::<bool>("connected"));
+    // Queries are answered while it waits for a producer.
+    let pad = src.static_pad("src").unwrap();
+    let mut latency = gst::query::Latency::new();
+    assert!(pad.query(&mut latency));
+    assert!(latency.result().0, "live");
+    // Stopping does not wait for the next attempt, 10 minutes away.
+    let took = time_to_null(&pipeline);
+    assert!(took < Duration::from_secs(10), "NULL took {took:?}");
+    let bus = pipeline.bus().unwrap();
+    assert!(bus.pop_filtered(&[gst::MessageType::Error]).is_none());
+}
+
+#[test]
+fn reconnecting_src_stops_at_once_after_its_producer_left() {
+    init();
+    let path = temp_socket("left.sock");
+    let (prod, _sink) = live_producer(&path);
+    let (pipeline, src) = reconnecting_consumer(&path);
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !src.property::<bool>("connected") {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    prod.set_state(gst::State::Null).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while src.property::<bool>("connected") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw the producer leave"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let warned = warnings(&pipeline);
+    assert!(
+        warned.iter().any(|w| w.contains("the producer went away")),
+        "{warned:?}"
+    );
+    let took = time_to_null(&pipeline);
+    assert!(took < Duration::from_secs(10), "NULL took {took:?}");
+}
+
+/// The inode behind the first memory of `buffer` (a memfd), by fstat on its fd.
+fn memfd_inode(buffer: &gst::BufferRef) -> u64 {
+    let mem = buffer.peek_memory(0);
+    let fd = mem
+        .downcast_memory_ref::<gst_allocators::FdMemory>()
+        .expect("fd memory")
+        .fd();
+    // SAFETY: the fd belongs to the memory, alive while we look.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::fs::fstat(fd).unwrap().st_ino
+}
+
+/// How many of this process's fds are open on a file with inode `ino`.
+fn open_fds_on(ino: u64) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+        .filter(|m| std::os::unix::fs::MetadataExt::ino(m) == ino)
+        .count()
+}
+
+#[test]
+fn frames_of_a_vanished_producer_freed_after_a_reconnect_go_nowhere() {
+    init();
+    let path = temp_socket("held.sock");
+    let (a, _) = live_producer(&path);
+    let mut cons = gst_check::Harness::new_parse(&format!(
+        "bufsharesrc name=src socket={} on-disconnect=reconnect reconnect-interval=20",
+        path.display()
+    ));
+    cons.play();
+    let held = cons.pull().unwrap();
+    let a_size = held.size();
+    let a_inode = memfd_inode(&held);
+    for _ in 0..3 {
+        cons.pull().unwrap();
+    }
+    a.set_state(gst::State::Null).unwrap();
+    drop(a);
+    // B on the same path, other caps. Its frame ids start again, like A's did.
+    let b = gst::parse::launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,format=GRAY8,width=32,height=32,framerate=30/1 ! bufsharesink name=sink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let b_sink = b.by_name("sink").unwrap();
+    let kicked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let k = kicked.clone();
+    b_sink.connect("client-disconnected", false, move |_| {
+        k.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        None
+    });
+    b.set_state(gst::State::Playing).unwrap();
+    // A's last frames may still be queued: pull until B's.
+    while cons.pull().unwrap().size() != 32 * 32 {}
+    assert_ne!(a_size, 32 * 32);
+    // The import of A's memory is still alive, and only A's frame holds it now.
+    assert!(open_fds_on(a_inode) > 0, "A's memory went before its frame");
+    drop(held);
+    for _ in 0..10 {
+        assert_eq!(cons.pull().unwrap().size(), 32 * 32);
+    }
+    assert_eq!(open_fds_on(a_inode), 0, "A's memory is still open: leaked");
+    let bin = cons.element().unwrap().downcast::<gst::Bin>().unwrap();
+    let src = bin.by_name("src").unwrap();
+    assert_eq!(src.property::<u64>("reconnects"), 1);
+    assert_eq!(
+        kicked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "B dropped the consumer"
+    );
+    assert_eq!(b_sink.property::<u32>("num-clients"), 1);
+    b.set_state(gst::State::Null).unwrap();
+}

@@ -81,12 +81,25 @@ impl Drop for Proc {
 }
 
 fn producer(socket: &Path, report: &Path, source: &str, frames: u32, wait_clients: u32) -> Proc {
+    producer_with(socket, report, source, frames, wait_clients, &[])
+}
+
+/// `producer` with more `bufshare-peer produce` options (`--format`, `--width`, ...).
+fn producer_with(
+    socket: &Path,
+    report: &Path,
+    source: &str,
+    frames: u32,
+    wait_clients: u32,
+    extra: &[&str],
+) -> Proc {
     let child = Command::new(PEER)
         .args(["produce", "--socket"])
         .arg(socket)
         .args(["--source", source, "--frames", &frames.to_string()])
         .args(["--wait-clients", &wait_clients.to_string(), "--report"])
         .arg(report)
+        .args(extra)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -426,4 +439,199 @@ fn consumer_reports_a_producer_that_dies() {
     assert!(stderr.contains(socket.to_str().unwrap()), "{stderr}");
     // It had received frames before that.
     assert!(!read_report(&dir.path("c.txt")).frames.is_empty());
+}
+
+// Producer restarts (bufsharesrc `on-disconnect`) and consumers that start first.
+
+/// A consumer's report read in order, cut into one run per caps line: with
+/// `on-disconnect=reconnect` each producer's frames follow its caps, and the
+/// frame offsets start again with each producer.
+/// (offset, checksum, size) of one received frame.
+type RunFrame = (u64, String, u64);
+
+#[derive(Debug, Default)]
+struct Runs {
+    /// Caps, then the frames that followed them.
+    runs: Vec<(String, Vec<RunFrame>)>,
+    /// `at=` of the first frame of each run: CLOCK_MONOTONIC ns when it was pulled.
+    first_at: Vec<u64>,
+    warnings: Vec<String>,
+    summary: BTreeMap<String, String>,
+}
+
+fn read_runs(path: &Path) -> Runs {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut r = Runs::default();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix("caps ") {
+            r.runs.push((c.to_string(), Vec::new()));
+        } else if let Some(rest) = line.strip_prefix("frame ") {
+            let kv: BTreeMap<&str, &str> =
+                rest.split(' ').filter_map(|p| p.split_once('=')).collect();
+            let run = &mut r.runs.last_mut().expect("a frame before any caps").1;
+            if run.is_empty() {
+                r.first_at.push(kv["at"].parse().unwrap());
+            }
+            run.push((
+                kv["offset"].parse().unwrap(),
+                kv["sum"].to_string(),
+                kv["size"].parse().unwrap(),
+            ));
+        } else if let Some(w) = line.strip_prefix("warning ") {
+            r.warnings.push(w.to_string());
+        } else if let Some(rest) = line.strip_prefix("summary ") {
+            for (k, v) in rest.split(' ').filter_map(|p| p.split_once('=')) {
+                r.summary.insert(k.into(), v.into());
+            }
+        }
+    }
+    r
+}
+
+/// Every frame of `run` is the producer's, byte for byte, and it got all of them, in order.
+fn assert_run_is_whole(name: &str, prod: &Report, run: &[RunFrame]) {
+    let offsets: Vec<u64> = run.iter().map(|f| f.0).collect();
+    let expected: Vec<u64> = prod.frames.keys().copied().collect();
+    assert_eq!(offsets, expected, "{name}: frames received vs rendered");
+    for (offset, sum, size) in run {
+        assert_eq!(
+            *sum, prod.frames[offset].sum,
+            "{name}: frame {offset} differs"
+        );
+        assert_eq!(
+            *size, prod.frames[offset].size,
+            "{name}: frame {offset} size"
+        );
+    }
+}
+
+fn reconnecting_consumer(socket: &Path, report: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = consumer_cmd(socket, report);
+    cmd.args(["--on-disconnect", "reconnect"]).args(extra);
+    Proc(Some(cmd.spawn().unwrap()), "reconnecting consumer")
+}
+
+#[test]
+fn consumer_follows_a_restarted_producer_to_its_new_caps() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("restart");
+    let socket = dir.path("cam.sock");
+    // --hold 4: the consumer still holds producer A's last frames when B
+    // arrives, and frees them while B's first frames come in. Their releases
+    // must not reach B (which would drop the consumer for releasing frames it
+    // never sent, and so cost it frames and a second reconnect).
+    let cons = reconnecting_consumer(&socket, &dir.path("c.txt"), &["--hold", "4"]);
+    let a = producer_with(
+        &socket,
+        &dir.path("a.txt"),
+        "test",
+        3000,
+        1,
+        &["--format", "RGBA", "--width", "320", "--height", "240"],
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    // 10 fps: the consumer checksums every byte of every frame (a debug
+    // build, on a loaded machine) and must not fall behind and be skipped.
+    let b = producer_with(
+        &socket,
+        &dir.path("b.txt"),
+        "test",
+        30,
+        1,
+        &[
+            "--format", "NV12", "--width", "640", "--height", "480", "--fps", "10",
+        ],
+    );
+    let b_served_at = gstbufshare::clock::monotonic_now();
+    b.wait_ok();
+    // B's EOS ends the consumer's stream: it exits by itself, and without error.
+    cons.wait_ok();
+
+    let b_report = read_report(&dir.path("b.txt"));
+    let c = read_runs(&dir.path("c.txt"));
+    assert_eq!(
+        c.runs.len(),
+        2,
+        "caps runs: {:?}",
+        c.runs.iter().map(|r| &r.0).collect::<Vec<_>>()
+    );
+    let (a_caps, a_frames) = &c.runs[0];
+    assert!(
+        a_caps.starts_with("video/x-raw, format=(string)RGBA, width=(int)320, height=(int)240"),
+        "{a_caps}"
+    );
+    assert!(!a_frames.is_empty(), "no frames from the first producer");
+    assert!(a_frames.iter().all(|f| f.2 == 320 * 240 * 4));
+    // The same pipeline renegotiated to B's caps, exactly as B sent them, and got all of B's frames.
+    let (b_caps, b_frames) = &c.runs[1];
+    assert_eq!(
+        b_report.caps,
+        vec![b_caps.clone()],
+        "caps after the restart"
+    );
+    assert_run_is_whole("after the restart", &b_report, b_frames);
+    assert_eq!(c.summary["reconnects"], "1");
+    assert!(
+        c.warnings.len() == 1
+            && c.warnings[0].contains("the producer went away")
+            && c.warnings[0].contains(socket.to_str().unwrap()),
+        "{:?}",
+        c.warnings
+    );
+    eprintln!(
+        "restart: first frame from the new producer {:.1} ms after its socket appeared",
+        (c.first_at[1] as f64 - b_served_at as f64) / 1e6
+    );
+}
+
+#[test]
+fn consumer_started_before_the_producer_gets_every_frame() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("first");
+    let socket = dir.path("late.sock");
+    // It waits past its start timeout: only reconnect mode lets it.
+    let cons = reconnecting_consumer(&socket, &dir.path("c.txt"), &["--timeout", "1000"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let prod = producer_with(&socket, &dir.path("p.txt"), "test", 30, 1, &["--fps", "10"]);
+    prod.wait_ok();
+    // The producer's EOS is a real EOS in reconnect mode too: the consumer ends.
+    cons.wait_ok();
+    let p = read_report(&dir.path("p.txt"));
+    let c = read_runs(&dir.path("c.txt"));
+    assert_eq!(c.runs.len(), 1);
+    assert_eq!(vec![c.runs[0].0.clone()], p.caps);
+    assert_run_is_whole("consumer started first", &p, &c.runs[0].1);
+    assert_eq!(c.summary["reconnects"], "0");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn on_disconnect_eos_ends_the_consumer_cleanly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("eosmode");
+    let socket = dir.path("eos.sock");
+    let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
+    let mut cmd = consumer_cmd(&socket, &dir.path("c.txt"));
+    cmd.args(["--on-disconnect", "eos"]);
+    let cons = Proc(
+        Some(cmd.spawn().unwrap()),
+        "consumer with on-disconnect=eos",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    prod.kill9();
+    cons.wait_ok();
+    let c = read_runs(&dir.path("c.txt"));
+    assert_eq!(c.runs.len(), 1);
+    assert!(
+        !c.runs[0].1.is_empty(),
+        "no frames before the producer died"
+    );
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("ending the stream"),
+        "{:?}",
+        c.warnings
+    );
 }

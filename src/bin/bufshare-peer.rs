@@ -9,10 +9,15 @@
 //! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
+//!                       [--on-disconnect error|eos|reconnect] [--reconnect-interval MS] [--hold N]
 //! ```
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=..`
-//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`.
+//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`. Consumers add
+//! `at=` (CLOCK_MONOTONIC ns when the frame was pulled) to each frame line, a `warning <text>`
+//! line per warning the pipeline posted, and end with `summary reconnects=..`. `--hold N`
+//! keeps the last N frames referenced (released as newer ones arrive), like a consumer
+//! with a queue, so frames of a producer that went away are still alive after a reconnect.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -558,6 +563,23 @@ fn on_buffer_freed(buffer: &gst::Buffer, f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Moves the bus's warnings to the report and keeps its first error, which
+/// the caller acts on once the frames before it are pulled.
+fn drain_bus(bus: &gst::Bus, report: &Report, error: &mut Option<String>) {
+    while let Some(m) = bus.pop_filtered(&[gst::MessageType::Warning, gst::MessageType::Error]) {
+        match m.view() {
+            gst::MessageView::Warning(w) => {
+                eprintln!("warning: {}", w.error());
+                report.push(format!("warning {}", w.error()));
+            }
+            gst::MessageView::Error(e) if error.is_none() => {
+                *error = Some(format!("{} ({:?})", e.error(), e.debug()));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn consume(args: &Args) -> Result<(), String> {
     let socket = args.str("socket", "");
     let max_frames = args.num("max-frames", u64::MAX);
@@ -565,8 +587,12 @@ fn consume(args: &Args) -> Result<(), String> {
     let src = gst::ElementFactory::make("bufsharesrc")
         .property("socket", &socket)
         .property("timeout", args.num("timeout", 5000))
+        .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
+        .property("reconnect-interval", args.num("reconnect-interval", 100))
         .build()
         .map_err(|e| e.to_string())?;
+    let hold = args.num("hold", 0) as usize;
+    let mut held = std::collections::VecDeque::new();
     let sink = gst_app::AppSink::builder().sync(false).build();
     pipeline.add_many([&src, sink.upcast_ref()]).unwrap();
     src.link(&sink).map_err(|e| e.to_string())?;
@@ -581,7 +607,10 @@ fn consume(args: &Args) -> Result<(), String> {
     }
     let mut last_caps = None;
     let mut count = 0;
+    let bus = pipeline.bus().unwrap();
+    let mut error = None;
     let result = loop {
+        drain_bus(&bus, &report, &mut error);
         if count >= max_frames {
             break Ok(());
         }
@@ -597,16 +626,21 @@ fn consume(args: &Args) -> Result<(), String> {
                     .pts()
                     .zip(pipeline.base_time())
                     .map(|(p, b)| (p + b).nseconds());
-                report.push(frame_line(buffer, clock));
+                let at = gstbufshare::clock::monotonic_now();
+                report.push(format!("{} at={at}", frame_line(buffer, clock)));
                 count += 1;
+                if hold > 0 {
+                    held.push_back(sample.clone());
+                    if held.len() > hold {
+                        held.pop_front();
+                    }
+                }
             }
             None => {
                 // An error comes with an EOS downstream: look at the bus first.
-                let bus = pipeline.bus().unwrap();
-                if let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
-                    if let gst::MessageView::Error(e) = m.view() {
-                        break Err(format!("{} ({:?})", e.error(), e.debug()));
-                    }
+                drain_bus(&bus, &report, &mut error);
+                if let Some(e) = error.take() {
+                    break Err(e);
                 }
                 if sink.is_eos() {
                     break Ok(());
@@ -614,6 +648,11 @@ fn consume(args: &Args) -> Result<(), String> {
             }
         }
     };
+    report.push(format!(
+        "summary reconnects={}",
+        src.property::<u64>("reconnects")
+    ));
+    drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(&args.str("report", "-"));
     result

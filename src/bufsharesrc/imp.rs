@@ -1,8 +1,11 @@
 //! The bufsharesrc element: settings, start (connect + caps), create (one
-//! frame), negotiation from the producer's caps, latency, unlock.
+//! frame), negotiation from the producer's caps, latency, unlock, and what
+//! happens when the producer goes away (`on-disconnect`: error, EOS, or wait
+//! for a new producer on the same path and go on with its caps).
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,10 +16,10 @@ use gst_base::prelude::*;
 use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
-use super::receiver::{Connection, Incoming, ReceiveError};
+use super::receiver::{Attempt, Connection, Incoming, ReceiveError};
 use crate::clock::TimeMapCache;
 use crate::protocol;
-use crate::transport::unix::Waker;
+use crate::transport::unix::{wait, Waker};
 
 pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -27,11 +30,34 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
+const DEFAULT_RECONNECT_INTERVAL_MS: u64 = 100;
+
+/// What the element does when its producer goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstBufShareSrcOnDisconnect")]
+pub enum OnDisconnect {
+    #[default]
+    #[enum_value(
+        name = "Fail with an error naming the socket (the producer went away)",
+        nick = "error"
+    )]
+    Error,
+    #[enum_value(name = "End the stream: push EOS downstream", nick = "eos")]
+    Eos,
+    #[enum_value(
+        name = "Post a warning, wait for a new producer on the same path and go on with its caps",
+        nick = "reconnect"
+    )]
+    Reconnect,
+}
 
 #[derive(Debug, Clone)]
 struct Settings {
     socket: Option<String>,
     timeout_ms: u64,
+    on_disconnect: OnDisconnect,
+    reconnect_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -39,8 +65,20 @@ impl Default for Settings {
         Settings {
             socket: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            on_disconnect: OnDisconnect::default(),
+            reconnect_interval_ms: DEFAULT_RECONNECT_INTERVAL_MS,
         }
     }
+}
+
+/// The current connection, if any, and where it stands. Held by `create`.
+#[derive(Default)]
+struct Link {
+    connection: Option<Connection>,
+    /// Connected, but the producer's caps have not come yet.
+    awaiting_caps: bool,
+    /// The next buffer is the first of a new connection: mark it DISCONT.
+    fresh: bool,
 }
 
 /// What the producer said about the stream. Its own lock: queries (caps,
@@ -56,7 +94,11 @@ struct Stream {
 pub struct BufShareSrc {
     settings: Mutex<Settings>,
     /// The connection; held by `create` while it waits for the producer.
-    connection: Mutex<Option<Connection>>,
+    link: Mutex<Link>,
+    /// Connections made since start (read by the `reconnects` property
+    /// without waiting for `create`).
+    connections: AtomicU64,
+    connected: AtomicBool,
     stream: Mutex<Stream>,
     time_map: Mutex<TimeMapCache>,
     waker: Arc<Waker>,
@@ -67,7 +109,9 @@ impl Default for BufShareSrc {
     fn default() -> Self {
         BufShareSrc {
             settings: Mutex::new(Settings::default()),
-            connection: Mutex::new(None),
+            link: Mutex::new(Link::default()),
+            connections: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
             stream: Mutex::new(Stream::default()),
             time_map: Mutex::new(TimeMapCache::default()),
             waker: Arc::new(Waker::new().expect("eventfd")),
@@ -94,9 +138,33 @@ impl ObjectImpl for BufShareSrc {
                     .build(),
                 glib::ParamSpecUInt64::builder("timeout")
                     .nick("Timeout (ms)")
-                    .blurb("Milliseconds that start (READY to PAUSED) waits in total for a producer to appear on the socket, complete the handshake and send its caps; past it the element fails with an error saying which of these it was waiting for. It does not bound the wait for frames once streaming.")
+                    .blurb("Milliseconds that start (READY to PAUSED) waits in total for a producer to appear on the socket, complete the handshake and send its caps; past it the element fails with an error saying which of these it was waiting for. It does not bound the wait for frames once streaming. With on-disconnect=reconnect, start does not wait and this bounds each handshake instead.")
                     .default_value(DEFAULT_TIMEOUT_MS)
                     .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder::<OnDisconnect>("on-disconnect")
+                    .nick("On disconnect")
+                    .blurb("What to do when the producer goes away (closes the socket or dies): error = fail with an error naming the socket; eos = push EOS downstream; reconnect = post a warning, keep the pipeline running, poll for a new producer on the same path every reconnect-interval and go on with its caps (the first buffer after it is marked DISCONT). With reconnect, the element also starts without a producer and waits for one. The producer's own EOS is always forwarded as EOS. A producer that breaks the protocol or refuses us is an error in every mode.")
+                    .default_value(OnDisconnect::default())
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("reconnect-interval")
+                    .nick("Reconnect interval (ms)")
+                    .blurb("With on-disconnect=reconnect: milliseconds between attempts to connect while no producer listens on the socket")
+                    .minimum(1)
+                    .maximum(3_600_000)
+                    .default_value(DEFAULT_RECONNECT_INTERVAL_MS)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("reconnects")
+                    .nick("Reconnects")
+                    .blurb("Connections to a producer made since start, after the first one (producer restarts survived)")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecBoolean::builder("connected")
+                    .nick("Connected")
+                    .blurb("Whether a producer is connected now")
+                    .read_only()
                     .build(),
             ]
         });
@@ -108,6 +176,10 @@ impl ObjectImpl for BufShareSrc {
         match pspec.name() {
             "socket" => s.socket = value.get().expect("type checked upstream"),
             "timeout" => s.timeout_ms = value.get().expect("type checked upstream"),
+            "on-disconnect" => s.on_disconnect = value.get().expect("type checked upstream"),
+            "reconnect-interval" => {
+                s.reconnect_interval_ms = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -117,6 +189,14 @@ impl ObjectImpl for BufShareSrc {
         match pspec.name() {
             "socket" => s.socket.to_value(),
             "timeout" => s.timeout_ms.to_value(),
+            "on-disconnect" => s.on_disconnect.to_value(),
+            "reconnect-interval" => s.reconnect_interval_ms.to_value(),
+            "reconnects" => self
+                .connections
+                .load(Ordering::SeqCst)
+                .saturating_sub(1)
+                .to_value(),
+            "connected" => self.connected.load(Ordering::SeqCst).to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -194,6 +274,119 @@ impl BufShareSrc {
         }
     }
 
+    /// Reconnect mode, while no producer is connected: tries to connect
+    /// every `reconnect-interval` until a producer answers the handshake.
+    /// Returns at once when flushing (unlock), and with an error only for a
+    /// producer that refuses us or breaks the protocol, or a path that cannot
+    /// be a producer's socket.
+    fn wait_for_producer(&self, link: &mut Link) -> Result<(), gst::FlowError> {
+        let settings = self.settings.lock().unwrap().clone();
+        let socket = settings.socket.clone().unwrap_or_default();
+        let path = PathBuf::from(&socket);
+        let flushing = || self.is_flushing();
+        let first = self.connections.load(Ordering::SeqCst) == 0;
+        let since = Instant::now();
+        let mut announced = false;
+        loop {
+            if self.is_flushing() {
+                return Err(gst::FlowError::Flushing);
+            }
+            let handshake_deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
+            match Connection::try_connect(&path, handshake_deadline, self.waker.clone(), &flushing)
+            {
+                Ok(Attempt::Connected(conn)) => {
+                    let n = self.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                    self.connected.store(true, Ordering::SeqCst);
+                    link.connection = Some(conn);
+                    link.awaiting_caps = true;
+                    link.fresh = true;
+                    if first {
+                        gst::info!(
+                            CAT,
+                            imp = self,
+                            "connected to {} after waiting {:?}",
+                            socket,
+                            since.elapsed()
+                        );
+                    } else {
+                        gst::info!(
+                            CAT,
+                            imp = self,
+                            "reconnected to {} (connection {}) after {:?}",
+                            socket,
+                            n,
+                            since.elapsed()
+                        );
+                        gst::element_imp_info!(
+                            self,
+                            gst::ResourceError::Read,
+                            ("Socket {}: reconnected to a new producer", socket)
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(Attempt::NoProducer(e)) => {
+                    if !announced {
+                        gst::info!(CAT, imp = self, "no producer on {} yet ({})", socket, e);
+                        announced = true;
+                    }
+                }
+                Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
+                // A producer going away again, or one too slow to say HELLO: try again.
+                Err(e @ (ReceiveError::ProducerGone | ReceiveError::Timeout(_))) => {
+                    gst::warning!(CAT, imp = self, "connecting to {}: {}; retrying", socket, e);
+                }
+                Err(e) => {
+                    gst::warning!(CAT, imp = self, "{}", e);
+                    self.post_error_message(self.error_for(&e, &socket));
+                    return Err(gst::FlowError::Error);
+                }
+            }
+            // Sleep until the next attempt; unlock() wakes us. Wake-ups for
+            // releases of an old connection's frames only shorten one sleep.
+            let interval = Duration::from_millis(settings.reconnect_interval_ms);
+            let waker_fd = [(self.waker.as_fd(), false)];
+            if let Ok(revents) = wait(&waker_fd, Some(interval)) {
+                if revents[0].contains(rustix::event::PollFlags::IN) {
+                    self.waker.drain();
+                }
+            }
+        }
+    }
+
+    /// The producer went away: error, EOS or reconnect, as `on-disconnect` says.
+    fn producer_gone(&self, link: &mut Link, e: &ReceiveError) -> Result<(), gst::FlowError> {
+        link.connection = None;
+        self.connected.store(false, Ordering::SeqCst);
+        let socket = self.socket_name();
+        match self.settings.lock().unwrap().on_disconnect {
+            OnDisconnect::Error => {
+                gst::warning!(CAT, imp = self, "{}", e);
+                self.post_error_message(self.error_for(e, &socket));
+                Err(gst::FlowError::Error)
+            }
+            OnDisconnect::Eos => {
+                gst::element_imp_warning!(
+                    self,
+                    gst::ResourceError::Read,
+                    (
+                        "Socket {}: the producer went away; ending the stream (on-disconnect=eos)",
+                        socket
+                    )
+                );
+                Err(gst::FlowError::Eos)
+            }
+            OnDisconnect::Reconnect => {
+                gst::element_imp_warning!(
+                    self,
+                    gst::ResourceError::Read,
+                    ("Socket {}: the producer went away; waiting for a new one (on-disconnect=reconnect)", socket)
+                );
+                Ok(())
+            }
+        }
+    }
+
     fn socket_name(&self) -> String {
         self.settings
             .lock()
@@ -213,6 +406,21 @@ impl BaseSrcImpl for BufShareSrc {
                 ("No socket path set: set the 'socket' property to the path a bufsharesink serves on")
             ));
         };
+        self.connections.store(0, Ordering::SeqCst);
+        self.connected.store(false, Ordering::SeqCst);
+        *self.stream.lock().unwrap() = Stream::default();
+        *self.link.lock().unwrap() = Link::default();
+        if settings.on_disconnect == OnDisconnect::Reconnect {
+            // The producer may not exist yet: create() connects, and the caps
+            // are negotiated when they come (a live source need not preroll).
+            gst::info!(
+                CAT,
+                imp = self,
+                "on-disconnect=reconnect: connecting to {} once streaming",
+                socket
+            );
+            return Ok(());
+        }
         let deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
         let flushing = || self.is_flushing();
         let result = (|| {
@@ -240,12 +448,15 @@ impl BaseSrcImpl for BufShareSrc {
             pending_caps: None,
             latency,
         };
-        *self.connection.lock().unwrap() = Some(conn);
+        self.link.lock().unwrap().connection = Some(conn);
+        self.connections.store(1, Ordering::SeqCst);
+        self.connected.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        *self.connection.lock().unwrap() = None;
+        *self.link.lock().unwrap() = Link::default();
+        self.connected.store(false, Ordering::SeqCst);
         *self.stream.lock().unwrap() = Stream::default();
         Ok(())
     }
@@ -315,11 +526,27 @@ impl PushSrcImpl for BufShareSrc {
                 continue;
             }
             let flushing = || self.is_flushing();
-            let mut connection = self.connection.lock().unwrap();
-            let conn = connection.as_mut().ok_or(gst::FlowError::Flushing)?;
+            let mut link = self.link.lock().unwrap();
+            if link.connection.is_none() {
+                if self.settings.lock().unwrap().on_disconnect != OnDisconnect::Reconnect {
+                    return Err(gst::FlowError::Flushing);
+                }
+                self.wait_for_producer(&mut link)?;
+            }
+            let conn = link.connection.as_mut().expect("connected");
             let incoming = conn.next(None, &flushing, "waiting for frames");
             match incoming {
+                Ok(Incoming::Frame(..)) if link.awaiting_caps => {
+                    link.connection = None;
+                    self.connected.store(false, Ordering::SeqCst);
+                    drop(link);
+                    let e = ReceiveError::Protocol("producer sent a frame before caps".into());
+                    self.post_error_message(self.error_for(&e, &self.socket_name()));
+                    return Err(gst::FlowError::Error);
+                }
                 Ok(Incoming::Frame(mut buffer, frame)) => {
+                    let fresh = std::mem::take(&mut link.fresh);
+                    drop(link);
                     let time_map = self.time_map.lock().unwrap().get(self.obj().upcast_ref());
                     let running = |t: u64| -> Option<gst::ClockTime> {
                         (t != protocol::NONE)
@@ -340,13 +567,18 @@ impl PushSrcImpl for BufShareSrc {
                         gst::BufferFlags::from_bits_truncate(frame.flags)
                             - gst::BufferFlags::TAG_MEMORY,
                     );
+                    if fresh {
+                        // A new producer: its stream does not follow the last one's.
+                        b.set_flags(gst::BufferFlags::DISCONT);
+                    }
                     for warning in crate::metas::apply(b, &frame.metas) {
                         gst::warning!(CAT, imp = self, "{}", warning);
                     }
                     return Ok(CreateSuccess::NewBuffer(buffer));
                 }
                 Ok(Incoming::Caps { caps, latency }) => {
-                    drop(connection);
+                    link.awaiting_caps = false;
+                    drop(link);
                     let caps = match self.parse_caps(&caps) {
                         Ok(c) => c,
                         Err(e) => {
@@ -373,9 +605,13 @@ impl PushSrcImpl for BufShareSrc {
                     return Err(gst::FlowError::Eos);
                 }
                 Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
+                Err(e @ ReceiveError::ProducerGone) => {
+                    self.producer_gone(&mut link, &e)?;
+                }
                 Err(e) => {
-                    *connection = None;
-                    drop(connection);
+                    link.connection = None;
+                    self.connected.store(false, Ordering::SeqCst);
+                    drop(link);
                     gst::warning!(CAT, imp = self, "{}", e);
                     let msg = self.error_for(&e, &self.socket_name());
                     self.post_error_message(msg);

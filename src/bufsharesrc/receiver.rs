@@ -11,8 +11,12 @@
 //! references we know of on each import and hold the release back while there
 //! are more (the receiving thread checks again on a short timer).
 //!
-//! A future reconnect mode replaces the [`Connection`]; nothing else here
-//! outlives it.
+//! The element's reconnect mode replaces the [`Connection`] when its producer
+//! goes away. Frames of the old connection may still be alive downstream:
+//! their shares hold the old `Releaser`, whose channel is the old (shut
+//! down) socket, so their releases fail quietly there and never reach the new
+//! producer, whose frame ids may collide. Their imports stay mapped until the
+//! last share is freed.
 
 use gst::glib;
 use std::collections::HashMap;
@@ -250,6 +254,14 @@ impl Releaser {
     }
 }
 
+/// The outcome of one connection attempt.
+pub enum Attempt {
+    Connected(Connection),
+    /// Nobody listens on the path yet (no socket file, or one a dead
+    /// producer left): why, as the OS said it.
+    NoProducer(std::io::Error),
+}
+
 /// One connection to a producer.
 pub struct Connection {
     channel: Arc<UnixChannel>,
@@ -268,13 +280,10 @@ impl Connection {
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Connection, ReceiveError> {
-        let channel = loop {
-            match UnixChannel::connect(path) {
-                Ok(c) => break c,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::NotFound
-                        || e.kind() == std::io::ErrorKind::ConnectionRefused =>
-                {
+        loop {
+            match Self::try_connect(path, deadline, waker.clone(), flushing)? {
+                Attempt::Connected(conn) => return Ok(conn),
+                Attempt::NoProducer(e) => {
                     if flushing() {
                         return Err(ReceiveError::Flushing);
                     }
@@ -286,14 +295,35 @@ impl Connection {
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => {
-                    return Err(ReceiveError::Io(std::io::Error::new(
-                        e.kind(),
-                        format!("cannot connect to {}: {e}", path.display()),
-                    )))
-                }
+            }
+        }
+    }
+
+    /// One connection attempt: when a producer listens on `path`, connects
+    /// and completes the handshake by `handshake_deadline`. The element's
+    /// reconnect mode calls this at its own pace.
+    pub fn try_connect(
+        path: &Path,
+        handshake_deadline: Instant,
+        waker: Arc<Waker>,
+        flushing: &dyn Fn() -> bool,
+    ) -> Result<Attempt, ReceiveError> {
+        let channel = match UnixChannel::connect(path) {
+            Ok(c) => c,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                return Ok(Attempt::NoProducer(e))
+            }
+            Err(e) => {
+                return Err(ReceiveError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot connect to {}: {e}", path.display()),
+                )))
             }
         };
+        let deadline = handshake_deadline;
         let channel = Arc::new(channel);
         let releaser = Arc::new(Releaser {
             channel: channel.clone(),
@@ -314,7 +344,7 @@ impl Connection {
         }));
         conn.channel.send(&hello, &[]).map_err(ReceiveError::Io)?;
         match conn.recv_message(Some(deadline), flushing, "waiting for the producer's HELLO")? {
-            (Message::Hello(h), _) if h.role == Role::Producer && h.version == protocol::VERSION => Ok(conn),
+            (Message::Hello(h), _) if h.role == Role::Producer && h.version == protocol::VERSION => Ok(Attempt::Connected(conn)),
             (Message::Hello(h), _) if h.version != protocol::VERSION => Err(ReceiveError::Refused(format!(
                 "protocol version mismatch: producer speaks version {}, this consumer speaks version {}",
                 h.version,
