@@ -187,6 +187,9 @@ struct State {
     stream: StreamState,
     max_inflight: usize,
     frames_rendered: u64,
+    /// Read-only reopens of memfd memories, sent to consumers instead of the
+    /// producer's writable fd; one per memory, closed when it is forgotten.
+    read_only_fds: HashMap<u64, OwnedFd>,
 }
 
 /// State shared with the memory-freed callback; has its own small lock so that
@@ -245,6 +248,7 @@ impl Server {
                 stream: StreamState::default(),
                 max_inflight,
                 frames_rendered: 0,
+                read_only_fds: HashMap::new(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -312,7 +316,7 @@ impl Server {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
         state.frames_rendered += 1;
-        forget_freed(&self.shared, &mut state.clients);
+        forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
         let (needs_release, frame_bytes, frame_id) =
             (out.needs_release, &out.frame_bytes, out.frame_id);
         let mut any_dead = false;
@@ -327,19 +331,34 @@ impl Server {
                 client.frames_dropped += 1;
                 continue;
             }
+            let mut unshareable = false;
             for m in &out.memories {
-                if client.registered.insert(m.mem_id) {
-                    let reg = Message::Register(Register {
-                        mem_id: m.mem_id,
-                        kind: m.kind,
-                        size: m.fd_size,
-                    });
-                    // SAFETY: the fd belongs to a memory of `out.buffer`, alive here.
-                    let fd = unsafe { BorrowedFd::borrow_raw(m.raw_fd) };
-                    client.send_control(&reg, Some(fd));
+                if client.registered.contains(&m.mem_id) {
+                    continue;
                 }
+                let fd = match fd_for_consumers(&mut state.read_only_fds, m) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        gst::warning!(
+                            crate::bufsharesink::imp::CAT,
+                            "cannot make a read-only fd of memory {}: {}; frame {} not sent",
+                            m.mem_id,
+                            e,
+                            frame_id
+                        );
+                        unshareable = true;
+                        break;
+                    }
+                };
+                client.registered.insert(m.mem_id);
+                let reg = Message::Register(Register {
+                    mem_id: m.mem_id,
+                    kind: m.kind,
+                    size: m.fd_size,
+                });
+                client.send_control(&reg, Some(fd));
             }
-            if !client.queued.is_empty() {
+            if unshareable || !client.queued.is_empty() {
                 // The registration waits in the queue; this frame cannot overtake it.
                 client.frames_dropped += 1;
                 continue;
@@ -407,10 +426,33 @@ fn broadcast(clients: &mut [Client], msg: &Message) {
     }
 }
 
+/// The fd a consumer gets for `m`. For memfd memory, a read-only reopen of
+/// the same file, made once per memory, so that no consumer can map the
+/// producer's frames for writing. A dma-buf fd goes as it is: it cannot be
+/// reopened, and consumers map it read-only by their own choice.
+fn fd_for_consumers<'a>(
+    read_only_fds: &'a mut HashMap<u64, OwnedFd>,
+    m: &SharedMemory,
+) -> std::io::Result<BorrowedFd<'a>> {
+    // SAFETY: the fd belongs to a memory of the frame being sent, alive here.
+    let fd = unsafe { BorrowedFd::borrow_raw(m.raw_fd) };
+    if m.kind != protocol::MemoryKind::Memfd {
+        return Ok(fd);
+    }
+    let read_only: &'a OwnedFd = match read_only_fds.entry(m.mem_id) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(bufshare_backends::share::reopen_read_only(fd)?)
+        }
+    };
+    Ok(read_only.as_fd())
+}
+
 /// Sends FORGET for memories that died since last time.
-fn forget_freed(shared: &Shared, clients: &mut [Client]) {
+fn forget_freed(shared: &Shared, clients: &mut [Client], read_only_fds: &mut HashMap<u64, OwnedFd>) {
     let freed = std::mem::take(&mut lock(&shared.registry).freed);
     for mem_id in freed {
+        read_only_fds.remove(&mem_id);
         for c in clients.iter_mut() {
             if c.registered.remove(&mem_id) {
                 c.send_control(&Message::Forget { mem_id }, None);
@@ -481,7 +523,7 @@ fn service(
 ) -> Vec<Event> {
     use rustix::event::PollFlags;
     let mut events = Vec::new();
-    forget_freed(shared, &mut state.clients);
+    forget_freed(shared, &mut state.clients, &mut state.read_only_fds);
 
     // Clients that were polled, by fd (the list may have changed since).
     // Only this thread adds or removes clients, so they are still in poll-set
@@ -532,7 +574,19 @@ fn service(
                         frames_dropped: 0,
                         dead: None,
                     };
-                    client.send_control(&hello(), None);
+                    match state.listener.peer_policy().check(&client.channel) {
+                        Ok(()) => client.send_control(&hello(), None),
+                        Err(reason) => {
+                            // No HELLO: the peer's handshake ends on this REFUSE.
+                            client.send_control(
+                                &Message::Refuse {
+                                    reason: reason.clone(),
+                                },
+                                None,
+                            );
+                            client.kill(format!("refused: {reason}"), true);
+                        }
+                    }
                     state.clients.push(client);
                 }
                 Ok(None) => break,

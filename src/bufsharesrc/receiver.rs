@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use bufshare_backends::share::is_sealed_against_shrink;
 use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
 
@@ -321,6 +322,7 @@ impl Connection {
                 protocol::VERSION
             ))),
             (Message::Hello(_), _) => Err(ReceiveError::Protocol("peer on the socket is not a producer".into())),
+            (Message::Refuse { reason }, _) => Err(ReceiveError::Refused(reason)),
             (other, _) => Err(ReceiveError::Protocol(format!("expected HELLO, got {}", other.name()))),
         }
     }
@@ -429,7 +431,15 @@ impl Connection {
                 "REGISTER of memory {mem_id}, which is already registered"
             ));
         }
-        let real_kind = fd_kind(fd.as_fd()).map_err(ReceiveError::Io)?;
+        if self.imports.len() >= protocol::MAX_REGISTERED_MEMORIES {
+            return proto(format!(
+                "REGISTER of memory {mem_id} while {} memories are registered, the limit (a registration flood?)",
+                self.imports.len()
+            ));
+        }
+        let real_kind = fd_kind(fd.as_fd()).map_err(|e| {
+            ReceiveError::Protocol(format!("cannot inspect the fd of memory {mem_id}: {e}"))
+        })?;
         match (kind, real_kind) {
             (_, None) => {
                 return proto(format!(
@@ -444,7 +454,16 @@ impl Connection {
             }
             _ => {}
         }
-        let real_size = fd_size(fd.as_fd()).map_err(ReceiveError::Io)?;
+        // An unsealed file could be truncated by the producer after the size
+        // check below, and a read of a mapped page past the new end is SIGBUS.
+        if kind == MemoryKind::Memfd && !is_sealed_against_shrink(fd.as_fd()) {
+            return proto(format!(
+                "memory {mem_id} is not a memfd sealed against shrinking (F_SEAL_SHRINK); it could be truncated under our mapping"
+            ));
+        }
+        let real_size = fd_size(fd.as_fd()).map_err(|e| {
+            ReceiveError::Protocol(format!("cannot find the size of memory {mem_id}: {e}"))
+        })?;
         if size == 0 || size > real_size {
             return proto(format!(
                 "memory {mem_id} announced with {size} bytes but its fd has {real_size}"
