@@ -13,8 +13,7 @@ use rustix::fs::{Mode, OFlags, SealFlags};
 /// against shrinking and growing. Files that cannot carry seals (files on
 /// disk, pipes) answer false.
 pub fn is_sealed_against_resize(fd: BorrowedFd<'_>) -> bool {
-    rustix::fs::fcntl_get_seals(fd)
-        .is_ok_and(|s| s.contains(SealFlags::SHRINK | SealFlags::GROW))
+    rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| s.contains(SealFlags::SHRINK | SealFlags::GROW))
 }
 
 /// Whether `fd` is sealed at least against shrinking, which is what a reader

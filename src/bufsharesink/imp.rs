@@ -460,8 +460,8 @@ impl BufShareSink {
                 vec![MemoryRef::Inline(map.to_vec())],
             )
         } else {
-            let shareable = buffer.n_memory() > 0
-                && buffer.iter_memories().all(|m| self.can_share(m));
+            let shareable =
+                buffer.n_memory() > 0 && buffer.iter_memories().all(|m| self.can_share(m));
             let buffer = if shareable {
                 buffer.clone()
             } else {

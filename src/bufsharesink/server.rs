@@ -100,6 +100,11 @@ struct Client {
     frames_dropped: u64,
     /// Set when the consumer must go; the I/O thread removes it.
     dead: Option<(String, bool)>,
+    /// Refused by the access policy: sent REFUSE, waits for the peer's HELLO
+    /// (or the handshake timeout) and then drops it with this reason. Closing
+    /// before reading what the peer sent would reset the connection and the
+    /// peer could lose the REFUSE.
+    refused: Option<String>,
 }
 
 impl Client {
@@ -449,7 +454,11 @@ fn fd_for_consumers<'a>(
 }
 
 /// Sends FORGET for memories that died since last time.
-fn forget_freed(shared: &Shared, clients: &mut [Client], read_only_fds: &mut HashMap<u64, OwnedFd>) {
+fn forget_freed(
+    shared: &Shared,
+    clients: &mut [Client],
+    read_only_fds: &mut HashMap<u64, OwnedFd>,
+) {
     let freed = std::mem::take(&mut lock(&shared.registry).freed);
     for mem_id in freed {
         read_only_fds.remove(&mem_id);
@@ -545,7 +554,11 @@ fn service(
     for client in state.clients.iter_mut() {
         if let Phase::AwaitingHello { since } = client.phase {
             if since.elapsed() > HANDSHAKE_TIMEOUT {
-                client.kill("no HELLO within 5 s".into(), true);
+                let reason = client
+                    .refused
+                    .take()
+                    .unwrap_or_else(|| "no HELLO within 5 s".into());
+                client.kill(reason, true);
             }
         }
     }
@@ -573,6 +586,7 @@ fn service(
                         frames_sent: 0,
                         frames_dropped: 0,
                         dead: None,
+                        refused: None,
                     };
                     match state.listener.peer_policy().check(&client.channel) {
                         Ok(()) => client.send_control(&hello(), None),
@@ -584,7 +598,7 @@ fn service(
                                 },
                                 None,
                             );
-                            client.kill(format!("refused: {reason}"), true);
+                            client.refused = Some(format!("refused: {reason}"));
                         }
                     }
                     state.clients.push(client);
@@ -633,9 +647,18 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
             return;
         }
         let (len, fds) = match client.channel.recv(buf) {
+            Ok(Received::Message { .. }) if client.refused.is_some() => {
+                // Whatever a refused peer says, it has been read: now it can go.
+                let reason = client.refused.take().unwrap_or_default();
+                client.kill(reason, true);
+                return;
+            }
             Ok(Received::Message { len, fds }) => (len, fds),
             Ok(Received::Closed) => {
-                client.kill("consumer closed the connection".into(), false);
+                match client.refused.take() {
+                    Some(reason) => client.kill(reason, true),
+                    None => client.kill("consumer closed the connection".into(), false),
+                }
                 return;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,

@@ -313,7 +313,13 @@ impl Connection {
             role: Role::Consumer,
             features: 0,
         }));
-        conn.channel.send(&hello, &[]).map_err(ReceiveError::Io)?;
+        if let Err(e) = conn.channel.send(&hello, &[]) {
+            // A producer that refused us may already have closed; its REFUSE
+            // is still waiting to be read, and says why.
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(ReceiveError::Io(e));
+            }
+        }
         match conn.recv_message(Some(deadline), flushing, "waiting for the producer's HELLO")? {
             (Message::Hello(h), _) if h.role == Role::Producer && h.version == protocol::VERSION => Ok(conn),
             (Message::Hello(h), _) if h.version != protocol::VERSION => Err(ReceiveError::Refused(format!(
@@ -446,10 +452,14 @@ impl Connection {
                     "memory {mem_id} is not memory (a pipe, socket or device)"
                 ))
             }
-            (MemoryKind::DmaBuf, Some(FdKind::Memfd))
-            | (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+            (MemoryKind::DmaBuf, Some(FdKind::Memfd)) => {
                 return proto(format!(
-                    "memory {mem_id}: announced as {kind:?} but the fd is {real_kind:?}"
+                    "memory {mem_id}: announced as a dma-buf but the fd is a memfd or file"
+                ))
+            }
+            (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+                return proto(format!(
+                    "memory {mem_id}: announced as a memfd but the fd is a dma-buf"
                 ))
             }
             _ => {}
