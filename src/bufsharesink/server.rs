@@ -663,7 +663,10 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                client.kill("consumer closed the connection".into(), false);
+                match client.refused.take() {
+                    Some(reason) => client.kill(reason, true),
+                    None => client.kill("consumer closed the connection".into(), false),
+                }
                 return;
             }
             Err(e) => {
