@@ -68,6 +68,9 @@ fn temp_socket(name: &str) -> TempSocket {
     let dir = std::env::temp_dir().join(format!("bufshare-hostile-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // Whatever the umask, other users may enter: the socket's own mode decides.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     TempSocket(dir.join(name))
 }
 
@@ -918,9 +921,11 @@ fn hostile_producers_are_dropped_with_the_fault_named() {
 fn as_nobody<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         let nobody_gid = rustix::process::Gid::from_raw(65534);
-        rustix::thread::set_thread_res_gid(nobody_gid, nobody_gid, nobody_gid).unwrap();
+        rustix::thread::set_thread_res_gid(nobody_gid, nobody_gid, nobody_gid)
+            .expect("acting as another user needs root (the tests run as root here and in CI)");
         let nobody = rustix::process::Uid::from_raw(65534);
-        rustix::thread::set_thread_res_uid(nobody, nobody, nobody).unwrap();
+        rustix::thread::set_thread_res_uid(nobody, nobody, nobody)
+            .expect("acting as another user needs root (the tests run as root here and in CI)");
         f()
     })
     .join()

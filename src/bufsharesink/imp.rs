@@ -148,7 +148,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("frames-rendered, frames-copied (buffers that arrived without an fd), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
+                    .blurb("frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
                     .read_only()
                     .build(),
             ]
