@@ -11,6 +11,7 @@ packages=(
   pkg-config
   gcc
   libc6-dev
+  g++                             # CI checks that the fuzz target (libfuzzer-sys: C++) compiles
   libgstreamer1.0-dev
   libgstreamer-plugins-base1.0-dev
   # run: gst-launch-1.0 / gst-inspect-1.0, and the elements the demo, tests and benchmark use

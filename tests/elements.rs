@@ -508,7 +508,11 @@ fn fd_buffer_with_return_flag(
 ) -> (gst::Buffer, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use gst_allocators::prelude::*;
     use std::os::fd::IntoRawFd;
-    let fd = rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let fd = rustix::fs::memfd_create(
+        "test",
+        rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+    )
+    .unwrap();
     rustix::fs::ftruncate(&fd, size as u64).unwrap();
     let alloc = gst_allocators::FdAllocator::new();
     // SAFETY: the allocator takes ownership of the fd.

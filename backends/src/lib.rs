@@ -17,6 +17,7 @@ use std::os::fd::OwnedFd;
 
 pub mod fdinfo;
 pub mod memfd;
+pub mod share;
 
 pub use fdinfo::{fd_kind, fd_size};
 

@@ -252,8 +252,12 @@ fn fd_frame(size: usize, fill: u8) -> Result<gst::Buffer, String> {
     use gst_allocators::prelude::*;
     use std::os::fd::IntoRawFd;
 
-    let fd = rustix::fs::memfd_create("bufshare-bench", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(|e| format!("memfd_create: {e}"))?;
+    // Sealable: bufsharesink seals upstream memfds (and copies what it cannot seal).
+    let fd = rustix::fs::memfd_create(
+        "bufshare-bench",
+        rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(|e| format!("memfd_create: {e}"))?;
     rustix::fs::ftruncate(&fd, size as u64).map_err(|e| format!("ftruncate: {e}"))?;
     let mut file = std::fs::File::from(fd);
     file.write_all(&vec![fill; size])

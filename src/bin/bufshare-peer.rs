@@ -402,8 +402,13 @@ fn app_source(
             let mut mems = Vec::new();
             let mut maps = Vec::new();
             for _ in 0..slots {
-                let fd =
-                    rustix::fs::memfd_create("peer-slot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+                // Sealable: bufsharesink seals upstream memfds against resizing
+                // (and copies memory it cannot seal).
+                let fd = rustix::fs::memfd_create(
+                    "peer-slot",
+                    rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+                )
+                .unwrap();
                 rustix::fs::ftruncate(&fd, size as u64).unwrap();
                 // SAFETY: a fresh shared mapping of our own memfd, never unmapped.
                 let ptr = unsafe {

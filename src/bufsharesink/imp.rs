@@ -17,7 +17,7 @@ use crate::clock::TimeMapCache;
 use crate::memtag;
 use crate::pool::BackendBufferPool;
 use crate::protocol::{self, MemoryRef};
-use crate::transport::unix::Listener;
+use crate::transport::unix::{Listener, PeerPolicy};
 
 pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -31,12 +31,17 @@ const DEFAULT_MAX_INFLIGHT: u32 = 8;
 const DEFAULT_INLINE_THRESHOLD: u32 = 4096;
 /// Inline payloads must leave room for the frame header in one datagram.
 const MAX_INLINE_THRESHOLD: u32 = 32 * 1024;
+/// Owner only: other users (other containers) get in only when asked for.
+const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 #[derive(Debug, Clone)]
 struct Settings {
     socket: Option<String>,
     max_inflight: u32,
     inline_threshold: u32,
+    socket_mode: u32,
+    allowed_uid: i32,
+    allowed_gid: i32,
 }
 
 impl Default for Settings {
@@ -45,6 +50,9 @@ impl Default for Settings {
             socket: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             inline_threshold: DEFAULT_INLINE_THRESHOLD,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            allowed_uid: -1,
+            allowed_gid: -1,
         }
     }
 }
@@ -112,6 +120,27 @@ impl ObjectImpl for BufShareSink {
                     .default_value(DEFAULT_INLINE_THRESHOLD)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("socket-mode")
+                    .nick("Socket file mode")
+                    .blurb("Permission bits of the socket file, set before any consumer can connect (gst-launch takes octal: socket-mode=0660). Connecting needs write permission, so the default 0600 (384) lets only the producer's own user (and root) in; 0660 adds the socket's group, for consumers running as other users.")
+                    .maximum(0o777)
+                    .default_value(DEFAULT_SOCKET_MODE)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecInt::builder("allowed-uid")
+                    .nick("Allowed consumer uid")
+                    .blurb("If not -1, only consumers whose uid (SO_PEERCRED, at connect time) is this one are served; others get REFUSE with the reason and are dropped with a warning. Root is not special: it is refused too unless allowed. -1: anyone who can open the socket.")
+                    .minimum(-1)
+                    .default_value(-1)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecInt::builder("allowed-gid")
+                    .nick("Allowed consumer gid")
+                    .blurb("If not -1, only consumers whose effective gid (SO_PEERCRED, at connect time; supplementary groups do not count) is this one are served; others get REFUSE with the reason. With allowed-uid, both must match. -1: any group.")
+                    .minimum(-1)
+                    .default_value(-1)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("num-clients")
                     .nick("Number of consumers")
                     .blurb("Consumers connected and past the handshake")
@@ -119,7 +148,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("frames-rendered, frames-copied (buffers that arrived without an fd), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
+                    .blurb("frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
                     .read_only()
                     .build(),
             ]
@@ -159,6 +188,9 @@ impl ObjectImpl for BufShareSink {
                 }
             }
             "inline-threshold" => s.inline_threshold = value.get().expect("type checked upstream"),
+            "socket-mode" => s.socket_mode = value.get().expect("type checked upstream"),
+            "allowed-uid" => s.allowed_uid = value.get().expect("type checked upstream"),
+            "allowed-gid" => s.allowed_gid = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -168,6 +200,9 @@ impl ObjectImpl for BufShareSink {
             "socket" => self.settings.lock().unwrap().socket.to_value(),
             "max-inflight" => self.settings.lock().unwrap().max_inflight.to_value(),
             "inline-threshold" => self.settings.lock().unwrap().inline_threshold.to_value(),
+            "socket-mode" => self.settings.lock().unwrap().socket_mode.to_value(),
+            "allowed-uid" => self.settings.lock().unwrap().allowed_uid.to_value(),
+            "allowed-gid" => self.settings.lock().unwrap().allowed_gid.to_value(),
             "num-clients" => {
                 let state = self.state.lock().unwrap();
                 (state.server.as_ref().map_or(0, |s| s.num_clients()) as u32).to_value()
@@ -255,8 +290,12 @@ impl BaseSinkImpl for BufShareSink {
         let path = PathBuf::from(&socket);
         check_socket_dir(&path)
             .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
-        let listener = Listener::bind(&path)
+        let mut listener = Listener::bind_with_mode(&path, Some(settings.socket_mode))
             .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
+        listener.set_peer_policy(PeerPolicy {
+            uid: u32::try_from(settings.allowed_uid).ok(),
+            gid: u32::try_from(settings.allowed_gid).ok(),
+        });
         let weak = self.obj().downgrade();
         let server = Server::start(listener, settings.max_inflight as usize, move |events| {
             if let Some(obj) = weak.upgrade() {
@@ -421,10 +460,8 @@ impl BufShareSink {
                 vec![MemoryRef::Inline(map.to_vec())],
             )
         } else {
-            let shareable = buffer.n_memory() > 0
-                && buffer
-                    .iter_memories()
-                    .all(|m| m.is_memory_type::<gst_allocators::FdMemory>());
+            let shareable =
+                buffer.n_memory() > 0 && buffer.iter_memories().all(|m| self.can_share(m));
             let buffer = if shareable {
                 buffer.clone()
             } else {
@@ -503,6 +540,33 @@ impl BufShareSink {
             frame_bytes,
             memories,
         })
+    }
+
+    /// Whether `mem` can go to consumers by its fd: fd memory, and for memfd
+    /// (non-dma-buf) memory a file whose size nobody can change, so that no
+    /// consumer's mapping can ever fault. Upstream memfds are sealed here if
+    /// they allow it; files that cannot be sealed are copied instead.
+    fn can_share(&self, mem: &gst::MemoryRef) -> bool {
+        let Some(fd_mem) = mem.downcast_memory_ref::<gst_allocators::FdMemory>() else {
+            return false;
+        };
+        if mem.is_memory_type::<gst_allocators::DmaBufMemory>() {
+            return true;
+        }
+        // SAFETY: the fd belongs to `mem`, alive for this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd_mem.fd()) };
+        match bufshare_backends::share::seal_against_resize(fd) {
+            Ok(()) => true,
+            Err(e) => {
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "fd memory that cannot be sealed against resizing ({}): copying it",
+                    e
+                );
+                false
+            }
+        }
     }
 
     /// One copy of a buffer without fds into backend memory, keeping its

@@ -100,6 +100,11 @@ struct Client {
     frames_dropped: u64,
     /// Set when the consumer must go; the I/O thread removes it.
     dead: Option<(String, bool)>,
+    /// Refused by the access policy: sent REFUSE, waits for the peer's HELLO
+    /// (or the handshake timeout) and then drops it with this reason. Closing
+    /// before reading what the peer sent would reset the connection and the
+    /// peer could lose the REFUSE.
+    refused: Option<String>,
 }
 
 impl Client {
@@ -187,6 +192,9 @@ struct State {
     stream: StreamState,
     max_inflight: usize,
     frames_rendered: u64,
+    /// Read-only reopens of memfd memories, sent to consumers instead of the
+    /// producer's writable fd; one per memory, closed when it is forgotten.
+    read_only_fds: HashMap<u64, OwnedFd>,
 }
 
 /// State shared with the memory-freed callback; has its own small lock so that
@@ -245,6 +253,7 @@ impl Server {
                 stream: StreamState::default(),
                 max_inflight,
                 frames_rendered: 0,
+                read_only_fds: HashMap::new(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -312,7 +321,7 @@ impl Server {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
         state.frames_rendered += 1;
-        forget_freed(&self.shared, &mut state.clients);
+        forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
         let (needs_release, frame_bytes, frame_id) =
             (out.needs_release, &out.frame_bytes, out.frame_id);
         let mut any_dead = false;
@@ -327,19 +336,34 @@ impl Server {
                 client.frames_dropped += 1;
                 continue;
             }
+            let mut unshareable = false;
             for m in &out.memories {
-                if client.registered.insert(m.mem_id) {
-                    let reg = Message::Register(Register {
-                        mem_id: m.mem_id,
-                        kind: m.kind,
-                        size: m.fd_size,
-                    });
-                    // SAFETY: the fd belongs to a memory of `out.buffer`, alive here.
-                    let fd = unsafe { BorrowedFd::borrow_raw(m.raw_fd) };
-                    client.send_control(&reg, Some(fd));
+                if client.registered.contains(&m.mem_id) {
+                    continue;
                 }
+                let fd = match fd_for_consumers(&mut state.read_only_fds, m) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        gst::warning!(
+                            crate::bufsharesink::imp::CAT,
+                            "cannot make a read-only fd of memory {}: {}; frame {} not sent",
+                            m.mem_id,
+                            e,
+                            frame_id
+                        );
+                        unshareable = true;
+                        break;
+                    }
+                };
+                client.registered.insert(m.mem_id);
+                let reg = Message::Register(Register {
+                    mem_id: m.mem_id,
+                    kind: m.kind,
+                    size: m.fd_size,
+                });
+                client.send_control(&reg, Some(fd));
             }
-            if !client.queued.is_empty() {
+            if unshareable || !client.queued.is_empty() {
                 // The registration waits in the queue; this frame cannot overtake it.
                 client.frames_dropped += 1;
                 continue;
@@ -407,10 +431,37 @@ fn broadcast(clients: &mut [Client], msg: &Message) {
     }
 }
 
+/// The fd a consumer gets for `m`. For memfd memory, a read-only reopen of
+/// the same file, made once per memory, so that no consumer can map the
+/// producer's frames for writing. A dma-buf fd goes as it is: it cannot be
+/// reopened, and consumers map it read-only by their own choice.
+fn fd_for_consumers<'a>(
+    read_only_fds: &'a mut HashMap<u64, OwnedFd>,
+    m: &SharedMemory,
+) -> std::io::Result<BorrowedFd<'a>> {
+    // SAFETY: the fd belongs to a memory of the frame being sent, alive here.
+    let fd = unsafe { BorrowedFd::borrow_raw(m.raw_fd) };
+    if m.kind != protocol::MemoryKind::Memfd {
+        return Ok(fd);
+    }
+    let read_only: &'a OwnedFd = match read_only_fds.entry(m.mem_id) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(bufshare_backends::share::reopen_read_only(fd)?)
+        }
+    };
+    Ok(read_only.as_fd())
+}
+
 /// Sends FORGET for memories that died since last time.
-fn forget_freed(shared: &Shared, clients: &mut [Client]) {
+fn forget_freed(
+    shared: &Shared,
+    clients: &mut [Client],
+    read_only_fds: &mut HashMap<u64, OwnedFd>,
+) {
     let freed = std::mem::take(&mut lock(&shared.registry).freed);
     for mem_id in freed {
+        read_only_fds.remove(&mem_id);
         for c in clients.iter_mut() {
             if c.registered.remove(&mem_id) {
                 c.send_control(&Message::Forget { mem_id }, None);
@@ -481,7 +532,7 @@ fn service(
 ) -> Vec<Event> {
     use rustix::event::PollFlags;
     let mut events = Vec::new();
-    forget_freed(shared, &mut state.clients);
+    forget_freed(shared, &mut state.clients, &mut state.read_only_fds);
 
     // Clients that were polled, by fd (the list may have changed since).
     // Only this thread adds or removes clients, so they are still in poll-set
@@ -503,7 +554,11 @@ fn service(
     for client in state.clients.iter_mut() {
         if let Phase::AwaitingHello { since } = client.phase {
             if since.elapsed() > HANDSHAKE_TIMEOUT {
-                client.kill("no HELLO within 5 s".into(), true);
+                let reason = client
+                    .refused
+                    .take()
+                    .unwrap_or_else(|| "no HELLO within 5 s".into());
+                client.kill(reason, true);
             }
         }
     }
@@ -531,8 +586,21 @@ fn service(
                         frames_sent: 0,
                         frames_dropped: 0,
                         dead: None,
+                        refused: None,
                     };
-                    client.send_control(&hello(), None);
+                    match state.listener.peer_policy().check(&client.channel) {
+                        Ok(()) => client.send_control(&hello(), None),
+                        Err(reason) => {
+                            // No HELLO: the peer's handshake ends on this REFUSE.
+                            client.send_control(
+                                &Message::Refuse {
+                                    reason: reason.clone(),
+                                },
+                                None,
+                            );
+                            client.refused = Some(format!("refused: {reason}"));
+                        }
+                    }
                     state.clients.push(client);
                 }
                 Ok(None) => break,
@@ -579,14 +647,26 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
             return;
         }
         let (len, fds) = match client.channel.recv(buf) {
+            Ok(Received::Message { .. }) if client.refused.is_some() => {
+                // Whatever a refused peer says, it has been read: now it can go.
+                let reason = client.refused.take().unwrap_or_default();
+                client.kill(reason, true);
+                return;
+            }
             Ok(Received::Message { len, fds }) => (len, fds),
             Ok(Received::Closed) => {
-                client.kill("consumer closed the connection".into(), false);
+                match client.refused.take() {
+                    Some(reason) => client.kill(reason, true),
+                    None => client.kill("consumer closed the connection".into(), false),
+                }
                 return;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                client.kill("consumer closed the connection".into(), false);
+                match client.refused.take() {
+                    Some(reason) => client.kill(reason, true),
+                    None => client.kill("consumer closed the connection".into(), false),
+                }
                 return;
             }
             Err(e) => {

@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use bufshare_backends::share::is_sealed_against_shrink;
 use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
 
@@ -342,7 +343,13 @@ impl Connection {
             role: Role::Consumer,
             features: 0,
         }));
-        conn.channel.send(&hello, &[]).map_err(ReceiveError::Io)?;
+        if let Err(e) = conn.channel.send(&hello, &[]) {
+            // A producer that refused us may already have closed; its REFUSE
+            // is still waiting to be read, and says why.
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(ReceiveError::Io(e));
+            }
+        }
         match conn.recv_message(Some(deadline), flushing, "waiting for the producer's HELLO")? {
             (Message::Hello(h), _) if h.role == Role::Producer && h.version == protocol::VERSION => Ok(Attempt::Connected(conn)),
             (Message::Hello(h), _) if h.version != protocol::VERSION => Err(ReceiveError::Refused(format!(
@@ -351,6 +358,7 @@ impl Connection {
                 protocol::VERSION
             ))),
             (Message::Hello(_), _) => Err(ReceiveError::Protocol("peer on the socket is not a producer".into())),
+            (Message::Refuse { reason }, _) => Err(ReceiveError::Refused(reason)),
             (other, _) => Err(ReceiveError::Protocol(format!("expected HELLO, got {}", other.name()))),
         }
     }
@@ -459,22 +467,43 @@ impl Connection {
                 "REGISTER of memory {mem_id}, which is already registered"
             ));
         }
-        let real_kind = fd_kind(fd.as_fd()).map_err(ReceiveError::Io)?;
+        if self.imports.len() >= protocol::MAX_REGISTERED_MEMORIES {
+            return proto(format!(
+                "REGISTER of memory {mem_id} while {} memories are registered, the limit (a registration flood?)",
+                self.imports.len()
+            ));
+        }
+        let real_kind = fd_kind(fd.as_fd()).map_err(|e| {
+            ReceiveError::Protocol(format!("cannot inspect the fd of memory {mem_id}: {e}"))
+        })?;
         match (kind, real_kind) {
             (_, None) => {
                 return proto(format!(
                     "memory {mem_id} is not memory (a pipe, socket or device)"
                 ))
             }
-            (MemoryKind::DmaBuf, Some(FdKind::Memfd))
-            | (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+            (MemoryKind::DmaBuf, Some(FdKind::Memfd)) => {
                 return proto(format!(
-                    "memory {mem_id}: announced as {kind:?} but the fd is {real_kind:?}"
+                    "memory {mem_id}: announced as a dma-buf but the fd is a memfd or file"
+                ))
+            }
+            (MemoryKind::Memfd, Some(FdKind::DmaBuf)) => {
+                return proto(format!(
+                    "memory {mem_id}: announced as a memfd but the fd is a dma-buf"
                 ))
             }
             _ => {}
         }
-        let real_size = fd_size(fd.as_fd()).map_err(ReceiveError::Io)?;
+        // An unsealed file could be truncated by the producer after the size
+        // check below, and a read of a mapped page past the new end is SIGBUS.
+        if kind == MemoryKind::Memfd && !is_sealed_against_shrink(fd.as_fd()) {
+            return proto(format!(
+                "memory {mem_id} is not a memfd sealed against shrinking (F_SEAL_SHRINK); it could be truncated under our mapping"
+            ));
+        }
+        let real_size = fd_size(fd.as_fd()).map_err(|e| {
+            ReceiveError::Protocol(format!("cannot find the size of memory {mem_id}: {e}"))
+        })?;
         if size == 0 || size > real_size {
             return proto(format!(
                 "memory {mem_id} announced with {size} bytes but its fd has {real_size}"

@@ -36,6 +36,9 @@ pub const MAX_FDS_PER_MESSAGE: usize = 1;
 pub const MAX_MEMORIES: usize = 16;
 /// Most metas in one frame.
 pub const MAX_METAS: usize = 32;
+/// Most memories a producer may have registered with one consumer at once
+/// (registered and not yet forgotten); a producer that goes past it is dropped.
+pub const MAX_REGISTERED_MEMORIES: usize = 1024;
 /// Most frame ids in one RELEASE message.
 pub const MAX_RELEASE_IDS: usize = 1024;
 /// Most planes in a video meta (GST_VIDEO_MAX_PLANES).

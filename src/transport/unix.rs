@@ -80,11 +80,47 @@ fn unix_addr(path: &Path) -> io::Result<SocketAddrUnix> {
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
+    policy: PeerPolicy,
+}
+
+/// Who may talk to the sink, checked with SO_PEERCRED when a peer connects.
+/// `None` lets anyone who can open the socket file through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl PeerPolicy {
+    /// Ok when the connected peer passes every check that is set; otherwise
+    /// why not, for the REFUSE message and the producer's warning.
+    pub fn check(&self, channel: &UnixChannel) -> Result<(), String> {
+        if self.uid.is_none() && self.gid.is_none() {
+            return Ok(());
+        }
+        let cred = rustix::net::sockopt::socket_peercred(&channel.fd)
+            .map_err(|e| format!("cannot read the peer's credentials (SO_PEERCRED): {e}"))?;
+        let (uid, gid) = (cred.uid.as_raw(), cred.gid.as_raw());
+        if let Some(allowed) = self.uid.filter(|a| *a != uid) {
+            return Err(format!("uid {uid} is not allowed (allowed-uid={allowed})"));
+        }
+        if let Some(allowed) = self.gid.filter(|a| *a != gid) {
+            return Err(format!("gid {gid} is not allowed (allowed-gid={allowed})"));
+        }
+        Ok(())
+    }
 }
 
 impl Listener {
     /// Binds `path`, replacing a stale socket file but never a live one.
     pub fn bind(path: &Path) -> Result<Listener, BindError> {
+        Self::bind_with_mode(path, None)
+    }
+
+    /// Like [`Listener::bind`], and sets the socket file's permission bits to
+    /// `mode` before anyone can connect (between bind and listen, when a
+    /// connect is refused anyway), so there is no window with wider access.
+    pub fn bind_with_mode(path: &Path, mode: Option<u32>) -> Result<Listener, BindError> {
         let io_err = |e: io::Error| BindError::Io(path.to_owned(), e);
         let addr = unix_addr(path).map_err(io_err)?;
         match std::fs::symlink_metadata(path) {
@@ -111,6 +147,12 @@ impl Listener {
         }
         let fd = seqpacket_socket().map_err(io_err)?;
         rustix::net::bind(&fd, &addr).map_err(|e| io_err(e.into()))?;
+        if let Some(mode) = mode {
+            if let Err(e) = rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode & 0o777)) {
+                let _ = std::fs::remove_file(path);
+                return Err(io_err(e.into()));
+            }
+        }
         if let Err(e) = rustix::net::listen(&fd, 64) {
             let _ = std::fs::remove_file(path);
             return Err(io_err(e.into()));
@@ -118,6 +160,7 @@ impl Listener {
         Ok(Listener {
             fd,
             path: path.to_owned(),
+            policy: PeerPolicy::default(),
         })
     }
 
@@ -135,6 +178,15 @@ impl Listener {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Who may connect; checked by the server on each accepted peer.
+    pub fn set_peer_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    pub fn peer_policy(&self) -> PeerPolicy {
+        self.policy
     }
 }
 
