@@ -221,6 +221,10 @@ impl MemoryBackend for DrmDumbBackend {
         MemoryKind::DmaBuf
     }
 
+    fn chooses_pitch(&self) -> bool {
+        true
+    }
+
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError> {
         let img = match request.image {
             Some(img) => {

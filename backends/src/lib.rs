@@ -129,6 +129,11 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> MemoryKind;
     /// Allocates one block of at least `request.size` bytes.
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError>;
+    /// Whether the allocator chooses the row pitch of image requests (DRM):
+    /// then callers lay planes out from [`Block::pitch`].
+    fn chooses_pitch(&self) -> bool {
+        false
+    }
     /// Whether [`MemoryBackend::set_video_format`] must be called before
     /// allocating (backends that own a device queue, i.e. V4L2).
     fn needs_video_format(&self) -> bool {
