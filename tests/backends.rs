@@ -5,7 +5,7 @@
 //! upstream hands out GstDmaBufMemory laid out with the device's pitch.
 //! Device tests print `SKIP:` and pass when their device is absent.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use gst::prelude::*;
 
@@ -175,6 +175,7 @@ fn auto_falls_back_to_memfd_with_a_warning_saying_why() {
     pipeline.set_state(gst::State::Null).unwrap();
 }
 
+#[cfg(any(feature = "dma-heap", feature = "drm", feature = "v4l2"))]
 /// Proposes a pool for NV12 320x240 from a sink with `props` and acquires one
 /// buffer: (is dma-buf, strides, offsets, pool max).
 fn pool_buffer(props: &[(&str, &str)]) -> Result<(bool, Vec<i32>, Vec<usize>, u32), String> {
@@ -215,6 +216,7 @@ fn pool_buffer(props: &[(&str, &str)]) -> Result<(bool, Vec<i32>, Vec<usize>, u3
     Ok((dmabuf, strides, offsets, max))
 }
 
+#[cfg(any(feature = "dma-heap", feature = "drm", feature = "v4l2"))]
 fn skip(what: &str) {
     println!("SKIP: {what}");
 }
@@ -223,7 +225,7 @@ fn skip(what: &str) {
 #[cfg(feature = "dma-heap")]
 fn dma_heap_pool_gives_dmabuf_memory() {
     init();
-    if !Path::new("/dev/dma_heap/system").exists() {
+    if !std::path::Path::new("/dev/dma_heap/system").exists() {
         return skip("/dev/dma_heap/system absent");
     }
     let (dmabuf, strides, offsets, _) =

@@ -55,4 +55,4 @@ pub(crate) unsafe fn ioctl_rw<const OPCODE: Opcode, T>(
 }
 
 /// O_RDWR | O_CLOEXEC as the flags dma-buf exporters take.
-pub(crate) const EXPORT_FLAGS: u32 = (OFlags::RDWR.bits() | OFlags::CLOEXEC.bits()) as u32;
+pub(crate) const EXPORT_FLAGS: u32 = OFlags::RDWR.bits() | OFlags::CLOEXEC.bits();

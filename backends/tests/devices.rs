@@ -74,7 +74,7 @@ fn heap_test(name: &str) {
     let heap = DmaHeapBackend::open(name).unwrap();
     let block = heap.allocate(&BlockRequest::bytes(300_000)).unwrap();
     assert_eq!(block.kind, MemoryKind::DmaBuf);
-    assert!(block.size >= 300_000 && block.size % 4096 == 0);
+    assert!(block.size >= 300_000 && block.size.is_multiple_of(4096));
     check_dmabuf(&block.fd, block.size);
     write_and_read_back(&block.fd, block.size, 7);
     println!(

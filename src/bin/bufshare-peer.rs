@@ -8,11 +8,13 @@
 //! ```text
 //! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
+//!                       [--backend auto|memfd|dma-heap|drm|v4l2] [--heap NAME|PATH] [--device PATH]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
 //! ```
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=..`
-//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`.
+//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`, `backend <name in use>`
+//! and `stats <the sink's stats>`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -187,6 +189,12 @@ fn produce(args: &Args) -> Result<(), String> {
         .property("max-inflight", args.num("max-inflight", 8) as u32)
         .build()
         .map_err(|e| e.to_string())?;
+    // Memory backend options map to the sink's properties of the same names.
+    for prop in ["backend", "heap", "device"] {
+        if let Some(v) = args.0.get(prop) {
+            sink.set_property_from_str(prop, v);
+        }
+    }
     let returned = Arc::new(AtomicUsize::new(0));
     let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
     let head = match source.as_str() {
@@ -353,6 +361,10 @@ fn produce(args: &Args) -> Result<(), String> {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",")
+    ));
+    report.push(format!(
+        "backend {}",
+        stats.get::<String>("backend").unwrap_or_default()
     ));
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
