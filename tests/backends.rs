@@ -268,3 +268,74 @@ fn v4l2_pool_has_the_queue_pitch_and_its_buffer_count_as_max() {
     assert!(offsets[1] >= pitch as usize * 240, "{offsets:?}");
     println!("v4l2 pool: strides {strides:?} offsets {offsets:?} max {max}");
 }
+
+/// A consumer process that reads dma-heap frames with the CPU goes through
+/// DMA_BUF_IOCTL_SYNC (start and end) for each read: GstDmaBufMemory's map
+/// and unmap, on the producer's dma-buf. strace counts the ioctls; a consumer
+/// that imported the fds as plain fd memory, or mapped without syncing, makes
+/// fewer than two per frame and fails this.
+#[test]
+#[cfg(feature = "dma-heap")]
+fn consumer_cpu_reads_of_dmabuf_frames_are_bracketed_by_sync_ioctls() {
+    use std::process::{Command, Stdio};
+    if !std::path::Path::new("/dev/dma_heap/system").exists() {
+        return skip("/dev/dma_heap/system absent");
+    }
+    if Command::new("strace").arg("-V").output().is_err() {
+        return skip("strace not installed");
+    }
+    let peer = env!("CARGO_BIN_EXE_bufshare-peer");
+    let socket = temp_socket("sync.sock");
+    let dir = socket.0.parent().unwrap().to_path_buf();
+    let (strace_log, report) = (dir.join("strace.txt"), dir.join("consumer.txt"));
+    let mut consumer = Command::new("strace")
+        .args(["-f", "-e", "trace=ioctl", "-o"])
+        .arg(&strace_log)
+        .args([peer, "consume", "--socket"])
+        .arg(&socket.0)
+        .args(["--timeout", "60000", "--report"])
+        .arg(&report)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let producer = Command::new(peer)
+        .args(["produce", "--socket"])
+        .arg(&socket.0)
+        .args([
+            "--source", "test", "--frames", "10", "--width", "64", "--height", "48",
+        ])
+        .args([
+            "--backend",
+            "dma-heap",
+            "--heap",
+            "system",
+            "--wait-clients",
+            "1",
+        ])
+        .args(["--report", "-"])
+        .output()
+        .unwrap();
+    assert!(producer.status.success(), "{producer:?}");
+    let stdout = String::from_utf8_lossy(&producer.stdout);
+    assert!(stdout.contains("backend dma-heap"), "{stdout}");
+    assert!(consumer.wait().unwrap().success());
+    let report = std::fs::read_to_string(&report).unwrap();
+    let frames: Vec<&str> = report.lines().filter(|l| l.starts_with("frame ")).collect();
+    assert!(!frames.is_empty(), "the consumer got no frame: {report}");
+    assert!(frames.iter().all(|l| l.contains("kind=dmabuf")), "{report}");
+    let log = std::fs::read_to_string(&strace_log).unwrap();
+    let syncs = log
+        .lines()
+        .filter(|l| l.contains("DMA_BUF_IOCTL_SYNC") && l.ends_with("= 0"))
+        .count();
+    println!(
+        "{} frames read, {} DMA_BUF_IOCTL_SYNC ioctls",
+        frames.len(),
+        syncs
+    );
+    assert!(
+        syncs >= 2 * frames.len(),
+        "{} frames read with the CPU but only {syncs} DMA_BUF_IOCTL_SYNC ioctls",
+        frames.len()
+    );
+}

@@ -614,6 +614,20 @@ impl BufShareSink {
         }
         let pool = &copy_pool.as_ref().expect("set above").pool;
         let mut out = pool.acquire_buffer(None)?;
+        if out.maxsize() < size {
+            // A device queue's buffers (V4L2) are sized for the caps, not for any bytes.
+            gst::element_imp_error!(
+                self,
+                gst::ResourceError::NoSpaceLeft,
+                (
+                    "A {} byte buffer does not fit the {} backend's {} byte buffers",
+                    size,
+                    pool.backend_name(),
+                    out.maxsize()
+                )
+            );
+            return Err(gst::FlowError::Error);
+        }
         {
             let out = out.get_mut().ok_or(gst::FlowError::Error)?;
             out.set_size(size);
