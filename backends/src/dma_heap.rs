@@ -77,6 +77,10 @@ impl MemoryBackend for DmaHeapBackend {
         MemoryKind::DmaBuf
     }
 
+    fn source(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
+
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError> {
         let (size, pitch) = match request.image {
             None => (page_align(request.size), None),

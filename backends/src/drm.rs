@@ -225,6 +225,10 @@ impl MemoryBackend for DrmDumbBackend {
         true
     }
 
+    fn source(&self) -> Option<String> {
+        Some(format!("{} ({})", self.path.display(), self.driver))
+    }
+
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError> {
         let img = match request.image {
             Some(img) => {

@@ -129,6 +129,11 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> MemoryKind;
     /// Allocates one block of at least `request.size` bytes.
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError>;
+    /// Where blocks come from, for logs and stats: the heap or device path
+    /// (and driver), or `None` for anonymous memory.
+    fn source(&self) -> Option<String> {
+        None
+    }
     /// Whether the allocator chooses the row pitch of image requests (DRM):
     /// then callers lay planes out from [`Block::pitch`].
     fn chooses_pitch(&self) -> bool {

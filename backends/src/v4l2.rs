@@ -466,6 +466,26 @@ impl MemoryBackend for V4l2Backend {
         true
     }
 
+    fn source(&self) -> Option<String> {
+        let describe = |i: &DeviceInfo| {
+            format!(
+                "{} ({}, {} queue)",
+                i.path.display(),
+                i.card,
+                i.queue.queue_name()
+            )
+        };
+        Some(match self.device() {
+            Some(info) => describe(&info),
+            None => self
+                .candidates
+                .iter()
+                .map(describe)
+                .collect::<Vec<_>>()
+                .join(" or "),
+        })
+    }
+
     fn set_video_format(
         &self,
         format: &VideoFormatRequest,

@@ -679,7 +679,10 @@ impl BufShareSink {
             imp = self,
             "memory backend {} {}",
             resolved.backend.name(),
-            resolved.choice.describe()
+            resolved
+                .backend
+                .source()
+                .unwrap_or_else(|| resolved.choice.describe())
         );
         Ok(InUse {
             choice: resolved.choice,
@@ -720,8 +723,20 @@ impl BufShareSink {
         } else {
             m.backend.clone()
         };
-        match BackendBufferPool::configured(backend, caps, size, 0, 0) {
-            Ok(pool) => Ok(pool),
+        match BackendBufferPool::configured(backend.clone(), caps, size, 0, 0) {
+            Ok(pool) => {
+                if backend.needs_video_format() {
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "v4l2 queue set up on {}",
+                        backend.source().unwrap_or_default()
+                    );
+                    // Stats then name the device whose queue is in use.
+                    m.backend = backend;
+                }
+                Ok(pool)
+            }
             Err(e) if m.auto && m.choice.kind != BackendKind::Memfd => {
                 self.warn_fallback(&format!("{}: {e}", m.choice.kind.nick()));
                 m.choice.kind = BackendKind::Memfd;
@@ -805,7 +820,10 @@ impl BufShareSink {
             })
             .collect();
         let (backend_name, backend_source) = match &state.memory {
-            Some(m) => (m.backend.name().to_string(), m.choice.describe()),
+            Some(m) => (
+                m.backend.name().to_string(),
+                m.backend.source().unwrap_or_else(|| m.choice.describe()),
+            ),
             None => (String::new(), String::new()),
         };
         gst::Structure::builder("application/x-bufshare-sink-stats")
