@@ -234,7 +234,10 @@ mod tests {
             .err()
             .expect("a missing heap fails");
         if cfg!(feature = "dma-heap") {
-            assert!(err.contains("/nonexistent") && err.contains("No such file"), "{err}");
+            assert!(
+                err.contains("/nonexistent") && err.contains("No such file"),
+                "{err}"
+            );
         } else {
             assert!(err.contains("--features dma-heap"), "{err}");
         }

@@ -386,7 +386,9 @@ impl BaseSinkImpl for BufShareSink {
         let (caps, need_pool) = query.get_owned();
         if let Some(caps) = caps {
             if let Ok(info) = gst_video::VideoInfo::from_caps(&caps) {
-                if need_pool {
+                // Before start there is no backend yet: no pool to offer.
+                let started = self.state.lock().unwrap().memory.is_some();
+                if need_pool && started {
                     let pool = {
                         let mut state = self.state.lock().unwrap();
                         self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
