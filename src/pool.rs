@@ -217,9 +217,15 @@ mod imp {
             if bits_per_pixel == 0 || finfo.n_planes() == 0 {
                 return Ok(None);
             }
-            // Ask for one frame to learn the pitch the driver picks for this width.
+            // Ask for one frame to learn the pitch the driver picks. The width asked
+            // covers GStreamer's own first-plane stride, so that the other planes,
+            // extrapolated from the pitch, hold their rows too (odd widths: NV12 321
+            // pixels wide needs 322-byte chroma rows, so 324, not 321).
+            let pixel_bytes = finfo.pixel_stride()[0] as u32;
             let probe = ImageRequest {
-                width: info.width(),
+                width: info
+                    .width()
+                    .max((info.stride()[0] as u32).div_ceil(pixel_bytes)),
                 height: info.height(),
                 bits_per_pixel,
             };

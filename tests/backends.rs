@@ -179,18 +179,29 @@ fn auto_falls_back_to_memfd_with_a_warning_saying_why() {
 /// Proposes a pool for NV12 320x240 from a sink with `props` and acquires one
 /// buffer: (is dma-buf, strides, offsets, pool max).
 fn pool_buffer(props: &[(&str, &str)]) -> Result<(bool, Vec<i32>, Vec<usize>, u32), String> {
+    pool_buffer_for(
+        props,
+        "video/x-raw,format=NV12,width=320,height=240,framerate=30/1",
+    )
+}
+
+#[cfg(any(feature = "dma-heap", feature = "drm", feature = "v4l2"))]
+/// Like [`pool_buffer`] for any raw video caps.
+fn pool_buffer_for(
+    props: &[(&str, &str)],
+    caps: &str,
+) -> Result<(bool, Vec<i32>, Vec<usize>, u32), String> {
     let socket = temp_socket("hwpool.sock");
     let sink = sink(&socket, props);
     let (pipeline, res, _) = start(&sink);
     res?;
-    let caps: gst::Caps = "video/x-raw,format=NV12,width=320,height=240,framerate=30/1"
-        .parse()
-        .unwrap();
+    let caps: gst::Caps = caps.parse().unwrap();
+    let info = gst_video::VideoInfo::from_caps(&caps).unwrap();
     let mut query = gst::query::Allocation::new(Some(&caps), true);
     assert!(sink.static_pad("sink").unwrap().query(&mut query));
     let (pool, size, _, max) = query.allocation_pools().next().expect("a pool");
     let pool = pool.expect("a pool object");
-    assert!(size as usize >= 320 * 240 * 3 / 2);
+    assert!(size as usize >= info.size());
     let mut config = pool.config();
     config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
     pool.set_config(config).unwrap();
@@ -203,7 +214,6 @@ fn pool_buffer(props: &[(&str, &str)]) -> Result<(bool, Vec<i32>, Vec<usize>, u3
     let (strides, offsets) = (meta.stride().to_vec(), meta.offset().to_vec());
     // The whole frame as the meta describes it is writable memory.
     {
-        let info = gst_video::VideoInfo::from_caps(&caps).unwrap();
         let mut frame =
             gst_video::VideoFrameRef::from_buffer_ref_writable(buffer.get_mut().unwrap(), &info)
                 .unwrap();
@@ -250,6 +260,17 @@ fn drm_pool_lays_planes_out_with_the_driver_pitch() {
     assert_eq!(strides[1], pitch);
     assert_eq!(offsets, [0, pitch as usize * 240]);
     println!("drm pool: strides {strides:?} offsets {offsets:?}");
+    // Odd sizes: chroma rows of NV12 321 pixels wide take 322 bytes, so the
+    // pitch must be at least that (GStreamer's stride is 324).
+    let (dmabuf, strides, offsets, _) = pool_buffer_for(
+        &[("backend", "drm")],
+        "video/x-raw,format=NV12,width=321,height=241,framerate=30/1",
+    )
+    .unwrap();
+    assert!(dmabuf);
+    assert!(strides[0] >= 322 && strides[1] == strides[0], "{strides:?}");
+    assert!(offsets[1] >= strides[0] as usize * 241, "{offsets:?}");
+    println!("drm pool 321x241: strides {strides:?} offsets {offsets:?}");
 }
 
 #[test]
