@@ -145,10 +145,12 @@ impl QueueChoice {
             BUF_TYPE_VIDEO_CAPTURE_MPLANE | BUF_TYPE_VIDEO_OUTPUT_MPLANE
         )
     }
-    /// "OUTPUT" or "CAPTURE", for messages.
+    /// "OUTPUT", "CAPTURE", "OUTPUT_MPLANE" or "CAPTURE_MPLANE", for messages.
     pub fn queue_name(&self) -> &'static str {
         match self.buf_type {
-            BUF_TYPE_VIDEO_OUTPUT | BUF_TYPE_VIDEO_OUTPUT_MPLANE => "OUTPUT",
+            BUF_TYPE_VIDEO_OUTPUT => "OUTPUT",
+            BUF_TYPE_VIDEO_OUTPUT_MPLANE => "OUTPUT_MPLANE",
+            BUF_TYPE_VIDEO_CAPTURE_MPLANE => "CAPTURE_MPLANE",
             _ => "CAPTURE",
         }
     }

@@ -237,7 +237,11 @@ fn v4l2_vicodec_encoder_output_queue() {
         return skip("no vicodec encoder in /sys/class/video4linux");
     };
     let v4l2 = V4l2Backend::open(&path).unwrap();
-    assert_eq!(v4l2.candidates()[0].queue.queue_name(), "OUTPUT");
+    // OUTPUT, or OUTPUT_MPLANE when vicodec runs with multiplanar=1.
+    assert!(v4l2.candidates()[0]
+        .queue
+        .queue_name()
+        .starts_with("OUTPUT"));
     check_queue(&v4l2, &nv12_320x240(), 320);
 }
 
@@ -273,7 +277,10 @@ fn v4l2_vivid_capture_queue() {
         return skip("no vivid capture node in /sys/class/video4linux");
     };
     let v4l2 = V4l2Backend::open(&path).unwrap();
-    assert_eq!(v4l2.candidates()[0].queue.queue_name(), "CAPTURE");
+    assert!(v4l2.candidates()[0]
+        .queue
+        .queue_name()
+        .starts_with("CAPTURE"));
     // vivid's webcam sizes are fixed; 320x180 is one of them.
     let nv12_320x180 = VideoFormatRequest {
         height: 180,
