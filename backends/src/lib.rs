@@ -6,18 +6,32 @@
 //! (`gstbufshare`'s buffer pool) wraps blocks as GstFdMemory/GstDmaBufMemory;
 //! nothing here knows about GStreamer, so backends can be tested alone.
 //!
-//! One trait fits every allocator we plan for:
+//! One trait fits every allocator:
 //! - memfd (this crate, always built): a size in bytes;
-//! - dma-heap: a size in bytes, from `/dev/dma_heap/<name>`;
-//! - DRM dumb buffers: width x height x bpp in, a pitch out ([`BlockRequest::image`]);
-//! - V4L2 exported buffers: the backend owns a device queue set up with N buffers,
-//!   and each block names its queue index ([`Block::index`]).
+//! - dma-heap (feature `dma-heap`): a size in bytes, from `/dev/dma_heap/<name>`;
+//! - DRM dumb buffers (feature `drm`): width x height x bpp in, a pitch out
+//!   ([`BlockRequest::image`]), exported as dma-buf (PRIME);
+//! - V4L2 exported buffers (feature `v4l2`): the backend owns a device queue set up
+//!   with N buffers ([`MemoryBackend::set_video_format`]), and each block names its
+//!   queue index ([`Block::index`]).
+//!
+//! The hardware backends talk to the kernel with hand-written ioctls (`sys.rs`
+//! and each module's structs, whose sizes are checked at compile time), so they
+//! build without kernel headers or libclang and cross-compile to aarch64.
 
 use std::os::fd::OwnedFd;
 
+#[cfg(feature = "dma-heap")]
+pub mod dma_heap;
+#[cfg(feature = "drm")]
+pub mod drm;
 pub mod fdinfo;
 pub mod memfd;
 pub mod share;
+#[cfg(any(feature = "dma-heap", feature = "drm", feature = "v4l2"))]
+mod sys;
+#[cfg(feature = "v4l2")]
+pub mod v4l2;
 
 pub use fdinfo::{fd_kind, fd_size};
 
@@ -81,6 +95,8 @@ pub enum BackendError {
     },
     /// The request cannot be served by this backend.
     Unsupported(String),
+    /// The device exists but cannot do what bufshare needs (e.g. export dma-bufs).
+    Device { path: String, reason: String },
 }
 
 impl std::fmt::Display for BackendError {
@@ -89,6 +105,7 @@ impl std::fmt::Display for BackendError {
             BackendError::Open { path, source } => write!(f, "cannot open {path}: {source}"),
             BackendError::Allocate { what, source } => write!(f, "{what}: {source}"),
             BackendError::Unsupported(s) => write!(f, "unsupported request: {s}"),
+            BackendError::Device { path, reason } => write!(f, "{path}: {reason}"),
         }
     }
 }
@@ -99,7 +116,7 @@ impl std::error::Error for BackendError {
             BackendError::Open { source, .. } | BackendError::Allocate { source, .. } => {
                 Some(source)
             }
-            BackendError::Unsupported(_) => None,
+            BackendError::Unsupported(_) | BackendError::Device { .. } => None,
         }
     }
 }
@@ -113,4 +130,55 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> MemoryKind;
     /// Allocates one block of at least `request.size` bytes.
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError>;
+    /// Where blocks come from, for logs and stats: the heap or device path
+    /// (and driver), or `None` for anonymous memory.
+    fn source(&self) -> Option<String> {
+        None
+    }
+    /// Whether the allocator chooses the row pitch of image requests (DRM):
+    /// then callers lay planes out from [`Block::pitch`].
+    fn chooses_pitch(&self) -> bool {
+        false
+    }
+    /// Whether [`MemoryBackend::set_video_format`] must be called before
+    /// allocating (backends that own a device queue, i.e. V4L2).
+    fn needs_video_format(&self) -> bool {
+        false
+    }
+    /// Sets up the backend for frames of one format. Backends that own a
+    /// device queue (V4L2) set the queue format, allocate a fixed number of
+    /// buffers and return their layout; the others return `Ok(None)` and
+    /// allocate per request.
+    fn set_video_format(
+        &self,
+        _format: &VideoFormatRequest,
+    ) -> Result<Option<QueueLayout>, BackendError> {
+        Ok(None)
+    }
+}
+
+/// A raw video format, for backends that must configure a device queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoFormatRequest {
+    /// V4L2 pixel format fourcc (e.g. `*b"NV12"`, `*b"YU12"`), single buffer for all planes.
+    pub fourcc: [u8; 4],
+    pub width: u32,
+    pub height: u32,
+    /// Bytes the caller needs per frame at the least.
+    pub size: usize,
+    /// Buffers the caller needs at the least.
+    pub min_buffers: u32,
+}
+
+/// What a device queue was set up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLayout {
+    /// Bytes per line of the first plane (the others follow the format's rules).
+    pub pitch: u32,
+    /// Rows of the first plane (the device may pad the height).
+    pub height: u32,
+    /// Bytes of each buffer.
+    pub size: usize,
+    /// Number of buffers: at most this many blocks are distinct at once.
+    pub count: u32,
 }

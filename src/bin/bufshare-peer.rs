@@ -8,6 +8,7 @@
 //! ```text
 //! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
+//!                       [--backend auto|memfd|dma-heap|drm|v4l2] [--heap NAME|PATH] [--device PATH]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
 //!                       [--on-disconnect error|eos|reconnect] [--reconnect-interval MS] [--hold N]
 //! ```
@@ -18,6 +19,7 @@
 //! line per warning the pipeline posted, and end with `summary reconnects=..`. `--hold N`
 //! keeps the last N frames referenced (released as newer ones arrive), like a consumer
 //! with a queue, so frames of a producer that went away are still alive after a reconnect.
+//! Producers also report `backend <name in use>` and `stats <the sink's stats>`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -192,6 +194,12 @@ fn produce(args: &Args) -> Result<(), String> {
         .property("max-inflight", args.num("max-inflight", 8) as u32)
         .build()
         .map_err(|e| e.to_string())?;
+    // Memory backend options map to the sink's properties of the same names.
+    for prop in ["backend", "heap", "device"] {
+        if let Some(v) = args.0.get(prop) {
+            sink.set_property_from_str(prop, v);
+        }
+    }
     let returned = Arc::new(AtomicUsize::new(0));
     let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
     let head = match source.as_str() {
@@ -358,6 +366,10 @@ fn produce(args: &Args) -> Result<(), String> {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",")
+    ));
+    report.push(format!(
+        "backend {}",
+        stats.get::<String>("backend").unwrap_or_default()
     ));
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));

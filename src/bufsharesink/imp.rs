@@ -12,6 +12,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
+use super::backend::{self, BackendKind, Choice};
 use super::server::{Event, Outgoing, Server, SharedMemory};
 use crate::clock::TimeMapCache;
 use crate::memtag;
@@ -42,6 +43,9 @@ struct Settings {
     socket_mode: u32,
     allowed_uid: i32,
     allowed_gid: i32,
+    backend: BackendKind,
+    heap: String,
+    device: Option<String>,
 }
 
 impl Default for Settings {
@@ -53,8 +57,20 @@ impl Default for Settings {
             socket_mode: DEFAULT_SOCKET_MODE,
             allowed_uid: -1,
             allowed_gid: -1,
+            backend: BackendKind::default(),
+            heap: backend::default_heap().to_string(),
+            device: None,
         }
     }
+}
+
+/// The backend in use since start: its choice (to open fresh instances, one
+/// per V4L2 pool) and an opened instance (shared by the pools of the others).
+struct InUse {
+    choice: Choice,
+    backend: Arc<dyn MemoryBackend>,
+    /// Under `auto`: the reasons the preferred backends were passed over.
+    auto: bool,
 }
 
 /// Memory for buffers that arrive without an fd: one copy each, into a pool.
@@ -66,6 +82,7 @@ struct CopyPool {
 #[derive(Default)]
 struct Started {
     server: Option<Server>,
+    memory: Option<InUse>,
     copy_pool: Option<CopyPool>,
     segment: Option<gst::FormattedSegment<gst::ClockTime>>,
     next_frame_id: u64,
@@ -73,20 +90,10 @@ struct Started {
     time_map: TimeMapCache,
 }
 
+#[derive(Default)]
 pub struct BufShareSink {
     settings: Mutex<Settings>,
     state: Mutex<Started>,
-    backend: Arc<dyn MemoryBackend>,
-}
-
-impl Default for BufShareSink {
-    fn default() -> Self {
-        BufShareSink {
-            settings: Mutex::new(Settings::default()),
-            state: Mutex::new(Started::default()),
-            backend: Arc::new(MemfdBackend::new()),
-        }
-    }
 }
 
 #[glib::object_subclass]
@@ -141,6 +148,22 @@ impl ObjectImpl for BufShareSink {
                     .default_value(-1)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("backend", BackendKind::default())
+                    .nick("Memory backend")
+                    .blurb("Where shared frame memory comes from (the pool proposed upstream and copies): memfd (default, CPU memory), dma-heap (/dev/dma_heap/<heap>), drm (dumb buffers on a DRM device, PRIME-exported), v4l2 (exported buffers of a V4L2 device queue; a mem2mem device's OUTPUT queue), or auto (the build's preset order: imx8 dma-heap, drm, v4l2; qcs dma-heap, v4l2; else dma-heap, drm; then memfd with a warning saying why). A backend not compiled in, or a heap/device that cannot be used, is an error at start naming the path")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("heap")
+                    .nick("DMA heap")
+                    .blurb("dma-heap backend: a heap name in /dev/dma_heap (system, linux,cma, qcom,system, reserved) or an absolute path. Default: the preset's heap (linux,cma for imx8, qcom,system for qcs), else system")
+                    .default_value(Some(backend::default_heap()))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb("drm/v4l2 backends: device path (/dev/dri/cardN, /dev/videoN). Unset: drm uses the first /dev/dri/card* that creates and exports dumb buffers; v4l2 the first mem2mem /dev/video* whose OUTPUT queue takes the caps' format")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("num-clients")
                     .nick("Number of consumers")
                     .blurb("Consumers connected and past the handshake")
@@ -148,7 +171,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
+                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
                     .read_only()
                     .build(),
             ]
@@ -191,6 +214,20 @@ impl ObjectImpl for BufShareSink {
             "socket-mode" => s.socket_mode = value.get().expect("type checked upstream"),
             "allowed-uid" => s.allowed_uid = value.get().expect("type checked upstream"),
             "allowed-gid" => s.allowed_gid = value.get().expect("type checked upstream"),
+            "backend" => s.backend = value.get().expect("type checked upstream"),
+            "heap" => {
+                s.heap = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| backend::default_heap().to_string())
+            }
+            "device" => {
+                s.device = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|d| !d.is_empty())
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -203,6 +240,9 @@ impl ObjectImpl for BufShareSink {
             "socket-mode" => self.settings.lock().unwrap().socket_mode.to_value(),
             "allowed-uid" => self.settings.lock().unwrap().allowed_uid.to_value(),
             "allowed-gid" => self.settings.lock().unwrap().allowed_gid.to_value(),
+            "backend" => self.settings.lock().unwrap().backend.to_value(),
+            "heap" => self.settings.lock().unwrap().heap.to_value(),
+            "device" => self.settings.lock().unwrap().device.to_value(),
             "num-clients" => {
                 let state = self.state.lock().unwrap();
                 (state.server.as_ref().map_or(0, |s| s.num_clients()) as u32).to_value()
@@ -281,12 +321,13 @@ fn check_socket_dir(path: &Path) -> Result<(), String> {
 impl BaseSinkImpl for BufShareSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
-        let Some(socket) = settings.socket.filter(|s| !s.is_empty()) else {
+        let Some(socket) = settings.socket.clone().filter(|s| !s.is_empty()) else {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
                 ("No socket path set: set the 'socket' property to the UNIX socket path to serve on")
             ));
         };
+        let memory = self.choose_backend(&settings)?;
         let path = PathBuf::from(&socket);
         check_socket_dir(&path)
             .map_err(|e| gst::error_msg!(gst::ResourceError::OpenWrite, ("{}", e)))?;
@@ -311,6 +352,7 @@ impl BaseSinkImpl for BufShareSink {
         gst::info!(CAT, imp = self, "serving on {}", socket);
         *self.state.lock().unwrap() = Started {
             server: Some(server),
+            memory: Some(memory),
             ..Default::default()
         };
         Ok(())
@@ -383,23 +425,34 @@ impl BaseSinkImpl for BufShareSink {
         let (caps, need_pool) = query.get_owned();
         if let Some(caps) = caps {
             if let Ok(info) = gst_video::VideoInfo::from_caps(&caps) {
-                if need_pool {
-                    let size = info.size() as u32;
-                    let pool = BackendBufferPool::configured(
-                        self.backend.clone(),
-                        Some(&caps),
-                        size,
-                        0,
-                        0,
-                    )
-                    .map_err(|e| gst::loggable_error!(CAT, "configuring pool: {}", e))?;
-                    query.add_allocation_pool(Some(&pool), size, 0, 0);
+                // Before start there is no backend yet: no pool to offer.
+                let started = self.state.lock().unwrap().memory.is_some();
+                if need_pool && started {
+                    let pool = {
+                        let mut state = self.state.lock().unwrap();
+                        self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
+                    }
+                    .map_err(|e| {
+                        gst::element_imp_error!(
+                            self,
+                            gst::ResourceError::OpenWrite,
+                            ("Cannot set up a buffer pool for {}: {}", caps, e)
+                        );
+                        gst::loggable_error!(CAT, "pool for {}: {}", caps, e)
+                    })?;
+                    let config = pool.config();
+                    let (_, size, min, max) = config
+                        .params()
+                        .ok_or_else(|| gst::loggable_error!(CAT, "pool without params"))?;
+                    query.add_allocation_pool(Some(&pool), size, min, max);
                     gst::debug!(
                         CAT,
                         imp = self,
-                        "proposing a {} pool of {} byte buffers",
-                        self.backend.name(),
-                        size
+                        "proposing a {} pool of {} byte buffers (min {}, max {})",
+                        pool.backend_name(),
+                        size,
+                        min,
+                        max
                     );
                 }
                 query.add_allocation_meta::<gst_video::VideoMeta>(None);
@@ -466,7 +519,7 @@ impl BufShareSink {
                 buffer.clone()
             } else {
                 state.frames_copied += 1;
-                self.copy_into_shareable(&mut state.copy_pool, buffer)?
+                self.copy_into_shareable(&mut state.copy_pool, &mut state.memory, buffer)?
             };
             let server = state.server.as_ref().ok_or(gst::FlowError::Flushing)?;
             let mut memories = Vec::with_capacity(buffer.n_memory());
@@ -574,6 +627,7 @@ impl BufShareSink {
     fn copy_into_shareable(
         &self,
         copy_pool: &mut Option<CopyPool>,
+        memory: &mut Option<InUse>,
         buffer: &gst::Buffer,
     ) -> Result<gst::Buffer, gst::FlowError> {
         let size = buffer.size();
@@ -581,23 +635,38 @@ impl BufShareSink {
             if let Some(old) = copy_pool.take() {
                 let _ = old.pool.set_active(false);
             }
-            // Round up so that slowly growing sizes (audio, tensors) do not make a new pool each time.
-            let pool_size = size.next_power_of_two().max(64 * 1024);
-            let pool =
-                BackendBufferPool::configured(self.backend.clone(), None, pool_size as u32, 0, 0)
-                    .and_then(|p| p.set_active(true).map(|_| p))
-                    .map_err(|e| {
-                        gst::element_imp_error!(
-                            self,
-                            gst::ResourceError::NoSpaceLeft,
-                            (
-                                "Cannot set up {} memory for copies: {}",
-                                self.backend.name(),
-                                e
-                            )
-                        );
-                        gst::FlowError::Error
-                    })?;
+            let needs_video = memory
+                .as_ref()
+                .is_some_and(|m| m.backend.needs_video_format());
+            // Round up so that slowly growing sizes (audio, tensors) do not make a new pool
+            // each time. A device queue (V4L2) is set up for the caps' frames instead.
+            let (caps, pool_size) = if needs_video {
+                (self.obj().sink_pad().current_caps(), size)
+            } else {
+                (None, size.next_power_of_two().max(64 * 1024))
+            };
+            let pool = self
+                .make_pool(memory, caps.as_ref(), pool_size as u32)
+                .map_err(|e| {
+                    gst::element_imp_error!(
+                        self,
+                        gst::ResourceError::NoSpaceLeft,
+                        ("Cannot set up memory for copies: {}", e)
+                    );
+                    gst::FlowError::Error
+                })?;
+            pool.set_active(true).map_err(|e| {
+                gst::element_imp_error!(
+                    self,
+                    gst::ResourceError::NoSpaceLeft,
+                    (
+                        "Cannot allocate {} memory for copies: {}",
+                        pool.backend_name(),
+                        e
+                    )
+                );
+                gst::FlowError::Error
+            })?;
             gst::debug!(
                 CAT,
                 imp = self,
@@ -605,12 +674,26 @@ impl BufShareSink {
                 pool_size
             );
             *copy_pool = Some(CopyPool {
-                pool: pool.upcast_ref::<BackendBufferPool>().clone(),
+                pool,
                 size: pool_size,
             });
         }
         let pool = &copy_pool.as_ref().expect("set above").pool;
         let mut out = pool.acquire_buffer(None)?;
+        if out.maxsize() < size {
+            // A device queue's buffers (V4L2) are sized for the caps, not for any bytes.
+            gst::element_imp_error!(
+                self,
+                gst::ResourceError::NoSpaceLeft,
+                (
+                    "A {} byte buffer does not fit the {} backend's {} byte buffers",
+                    size,
+                    pool.backend_name(),
+                    out.maxsize()
+                )
+            );
+            return Err(gst::FlowError::Error);
+        }
         {
             let out = out.get_mut().ok_or(gst::FlowError::Error)?;
             out.set_size(size);
@@ -629,6 +712,109 @@ impl BufShareSink {
                 .map_err(|_| gst::FlowError::Error)?;
         }
         Ok(out)
+    }
+
+    /// Opens the backend the settings ask for. Under `auto`, passing over a
+    /// backend is a warning (log and element message) that says why.
+    fn choose_backend(&self, settings: &Settings) -> Result<InUse, gst::ErrorMessage> {
+        let resolved =
+            backend::resolve(settings.backend, &settings.heap, settings.device.as_deref())
+                .map_err(|e| {
+                    gst::error_msg!(
+                        gst::ResourceError::OpenReadWrite,
+                        (
+                            "Cannot use memory backend '{}': {}",
+                            settings.backend.nick(),
+                            e
+                        )
+                    )
+                })?;
+        let auto = settings.backend == BackendKind::Auto;
+        if auto && resolved.choice.kind == BackendKind::Memfd {
+            self.warn_fallback(&resolved.fallback_reasons.join("; "));
+        } else if !resolved.fallback_reasons.is_empty() {
+            gst::info!(
+                CAT,
+                imp = self,
+                "auto passed over: {}",
+                resolved.fallback_reasons.join("; ")
+            );
+        }
+        gst::info!(
+            CAT,
+            imp = self,
+            "memory backend {} {}",
+            resolved.backend.name(),
+            resolved
+                .backend
+                .source()
+                .unwrap_or_else(|| resolved.choice.describe())
+        );
+        Ok(InUse {
+            choice: resolved.choice,
+            backend: resolved.backend,
+            auto,
+        })
+    }
+
+    fn warn_fallback(&self, reasons: &str) {
+        gst::warning!(
+            CAT,
+            imp = self,
+            "backend=auto: no hardware backend usable, falling back to memfd: {}",
+            reasons
+        );
+        gst::element_imp_warning!(
+            self,
+            gst::ResourceError::OpenReadWrite,
+            (
+                "backend=auto: falling back to memfd (CPU memory, no dma-buf): {}",
+                reasons
+            )
+        );
+    }
+
+    /// A pool over the backend in use, configured for `caps`. A V4L2 backend
+    /// gets a fresh instance (each pool owns a device queue). Under `auto`, a
+    /// backend that cannot hold the caps gives way to memfd, with a warning.
+    fn make_pool(
+        &self,
+        memory: &mut Option<InUse>,
+        caps: Option<&gst::Caps>,
+        size: u32,
+    ) -> Result<BackendBufferPool, String> {
+        let m = memory.as_mut().ok_or("the element is not started")?;
+        let backend = if m.backend.needs_video_format() {
+            m.choice.open()?
+        } else {
+            m.backend.clone()
+        };
+        match BackendBufferPool::configured(backend.clone(), caps, size, 0, 0) {
+            Ok(pool) => {
+                if backend.needs_video_format() {
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "v4l2 queue set up on {}",
+                        backend.source().unwrap_or_default()
+                    );
+                    // Stats then name the device whose queue is in use.
+                    m.backend = backend;
+                }
+                Ok(pool)
+            }
+            Err(e) if m.auto && m.choice.kind != BackendKind::Memfd => {
+                self.warn_fallback(&format!("{}: {e}", m.choice.kind.nick()));
+                m.choice.kind = BackendKind::Memfd;
+                m.backend = Arc::new(MemfdBackend::new());
+                BackendBufferPool::configured(m.backend.clone(), caps, size, 0, 0)
+            }
+            Err(e) => Err(format!(
+                "{} backend ({}): {e}",
+                m.choice.kind.nick(),
+                m.choice.describe()
+            )),
+        }
     }
 
     fn report(&self, events: Vec<Event>) {
@@ -699,7 +885,16 @@ impl BufShareSink {
                     .to_send_value()
             })
             .collect();
+        let (backend_name, backend_source) = match &state.memory {
+            Some(m) => (
+                m.backend.name().to_string(),
+                m.backend.source().unwrap_or_else(|| m.choice.describe()),
+            ),
+            None => (String::new(), String::new()),
+        };
         gst::Structure::builder("application/x-bufshare-sink-stats")
+            .field("backend", backend_name)
+            .field("backend-source", backend_source)
             .field("num-clients", clients.len() as u32)
             .field("frames-rendered", rendered)
             .field("frames-copied", state.frames_copied)

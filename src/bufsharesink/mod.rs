@@ -2,11 +2,13 @@
 //! `bufsharesrc` consumers on a UNIX socket, without copying frames.
 //!
 //! `imp.rs` is the element (properties, GstBaseSink vfuncs, preparing each
-//! buffer); `server.rs` is the fan-out core and its I/O thread.
+//! buffer); `server.rs` is the fan-out core and its I/O thread; `backend.rs`
+//! turns the `backend`/`heap`/`device` properties into a memory backend.
 
 use gst::glib;
 use gst::prelude::*;
 
+pub mod backend;
 mod imp;
 pub mod server;
 
@@ -16,6 +18,7 @@ glib::wrapper! {
 }
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    backend::BackendKind::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "bufsharesink",
