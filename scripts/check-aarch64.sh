@@ -11,11 +11,20 @@
 # matching amd64 libraries. The sysroot leaves the host's dpkg database untouched (apart from the
 # cross compiler and the arm64 package lists).
 #
-# Usage: scripts/check-aarch64.sh [extra cargo args]     (root or sudo needed for apt)
+# Usage: scripts/check-aarch64.sh [extra cargo build args]   (root or sudo needed for apt)
+#        eval "$(scripts/check-aarch64.sh --print-env)"     sets up the sysroot, then prints the
+#            exports (PKG_CONFIG_*, linker) so that any cargo command can build for aarch64, e.g.
+#            cargo build --release --target aarch64-unknown-linux-gnu -p gst-plugin-bufshare --features imx8
 # Env:   AARCH64_SYSROOT (default: <target dir>/aarch64-sysroot), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
+print_env=0
+if [[ "${1:-}" == "--print-env" ]]; then
+  print_env=1
+  shift
+  exec 3>&1 1>&2 # progress to stderr, only the exports to stdout
+fi
 
 target=aarch64-unknown-linux-gnu
 multiarch=aarch64-linux-gnu
@@ -104,6 +113,15 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 # need at link time (libunwind, libdw, ...) are found in the sysroot.
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C link-arg=-Wl,-rpath-link,$libdir -C link-arg=-Wl,-rpath-link,$sysroot/lib/$multiarch"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+
+if [[ $print_env -eq 1 ]]; then
+  for var in PKG_CONFIG_ALLOW_CROSS PKG_CONFIG_SYSROOT_DIR PKG_CONFIG_PATH PKG_CONFIG_LIBDIR \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS \
+    CC_aarch64_unknown_linux_gnu; do
+    printf 'export %s=%q\n' "$var" "${!var}" >&3
+  done
+  exit 0
+fi
 
 echo "==> cargo build --target $target --workspace --all-targets --all-features $*"
 cargo build --target "$target" --workspace --all-targets --all-features "$@"
