@@ -38,8 +38,13 @@ sudo=()
 if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
 apt_get() { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@" </dev/null; }
 
-echo "==> rustup target add $target"
-rustup target add "$target"
+if command -v rustup >/dev/null 2>&1; then
+  echo "==> rustup target add $target"
+  rustup target add "$target"
+elif [[ ! -d "$(rustc --print target-libdir --target "$target" 2>/dev/null)" ]]; then
+  echo "check-aarch64.sh: no rustup and no standard library for $target in this Rust installation" >&2
+  exit 1
+fi
 
 echo "==> host packages: ${host_packages[*]}"
 missing=()
