@@ -32,7 +32,7 @@ target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 sysroot=${AARCH64_SYSROOT:-$target_dir/aarch64-sysroot}
 # The arm64 packages whose .pc files and libraries the gstreamer-rs crates link against.
 arm64_packages=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev)
-host_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross dpkg-dev pkg-config file)
+host_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross pkg-config file)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
