@@ -128,12 +128,18 @@ fn capture_share_encode_on_vicodec() {
     }
     std::fs::write(&stream, bytes).unwrap();
     let framerate = cons.caps_field("framerate").unwrap_or_else(|| "30/1".into());
-    gst_launch(&format!(
-        "filesrc location={} ! video/x-fwht,width={WIDTH},height={HEIGHT},framerate={framerate},colorimetry=bt601,parsed=true \
-         ! v4l2fwhtdec ! video/x-raw,format=NV12 ! filesink location={}",
-        stream.display(),
-        decoded.display()
-    ));
+    let decode = |sink: &str| {
+        gst_launch(&format!(
+            "filesrc location={} ! video/x-fwht,width={WIDTH},height={HEIGHT},framerate={framerate},colorimetry=bt601,parsed=true \
+             ! v4l2fwhtdec ! video/x-raw,format=NV12 ! {sink}",
+            stream.display(),
+        ))
+    };
+    // On the virtual board, the first vicodec decode after its encoder ran in the same boot
+    // gives wrong pictures (8 to 20 dB measured; the same stream decodes at ~36 dB in a later
+    // run or a fresh boot), so the stream is decoded once to warm the decoder up, then checked.
+    decode("fakesink");
+    decode(&format!("filesink location={}", decoded.display()));
     let frame_size = WIDTH * HEIGHT * 3 / 2;
     let luma = WIDTH * HEIGHT;
     let raw = std::fs::read(&raw).unwrap();
