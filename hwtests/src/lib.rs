@@ -78,7 +78,8 @@ struct V4l2Capability {
     reserved: [u32; 3],
 }
 const _: () = assert!(std::mem::size_of::<V4l2Capability>() == 104);
-const VIDIOC_QUERYCAP: rustix::ioctl::Opcode = rustix::ioctl::opcode::read::<V4l2Capability>(b'V', 0);
+const VIDIOC_QUERYCAP: rustix::ioctl::Opcode =
+    rustix::ioctl::opcode::read::<V4l2Capability>(b'V', 0);
 const V4L2_CAP_DEVICE_CAPS: u32 = 0x8000_0000;
 
 fn c_string(bytes: &[u8]) -> String {
@@ -120,13 +121,7 @@ pub fn v4l2_nodes() -> Vec<V4l2Node> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix("video")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("video")?.parse().ok())
         .collect();
     numbers.sort();
     numbers
@@ -460,7 +455,10 @@ impl Report {
         let caps = self.caps.first()?;
         let start = caps.find(&format!("{field}="))? + field.len() + 1;
         let rest = &caps[start..];
-        let rest = rest.strip_prefix('(').and_then(|r| r.split_once(')')).map_or(rest, |(_, v)| v);
+        let rest = rest
+            .strip_prefix('(')
+            .and_then(|r| r.split_once(')'))
+            .map_or(rest, |(_, v)| v);
         Some(rest.split([',', ';']).next()?.trim().to_string())
     }
 }
@@ -469,13 +467,14 @@ impl Report {
 pub fn assert_identical(name: &str, prod: &Report, cons: &Report) {
     assert!(!cons.frames.is_empty(), "{name} received no frames");
     for f in &cons.frames {
-        let (_, p) = prod.frame_at(f.offset).unwrap_or_else(|| {
-            panic!(
-                "{name} got frame {} the producer never rendered",
-                f.offset
-            )
-        });
-        assert_eq!(f.sum, p.sum, "{name}: frame {} differs from the producer's", f.offset);
+        let (_, p) = prod
+            .frame_at(f.offset)
+            .unwrap_or_else(|| panic!("{name} got frame {} the producer never rendered", f.offset));
+        assert_eq!(
+            f.sum, p.sum,
+            "{name}: frame {} differs from the producer's",
+            f.offset
+        );
         assert_eq!(f.size, p.size, "{name}: frame {} size", f.offset);
     }
     assert!(

@@ -89,12 +89,20 @@ fn capture_share_encode_on_vicodec() {
     // The camera's own buffers, shared as they are.
     assert_eq!(prod.frames.len(), FRAMES, "producer frames");
     for f in &prod.frames {
-        assert_eq!(f.kind, "dmabuf", "producer frame {} is not v4l2src's dma-buf", f.offset);
+        assert_eq!(
+            f.kind, "dmabuf",
+            "producer frame {} is not v4l2src's dma-buf",
+            f.offset
+        );
     }
     assert_identical("consumer", &prod, &cons);
     let prod_inodes = prod.inodes();
     for f in &cons.frames {
-        assert_eq!(f.kind, "dmabuf", "consumer frame {} is not dma-buf memory", f.offset);
+        assert_eq!(
+            f.kind, "dmabuf",
+            "consumer frame {} is not dma-buf memory",
+            f.offset
+        );
         assert!(f.ro, "consumer frame {} is writable", f.offset);
         assert!(
             prod_inodes.contains(&f.ino),
@@ -127,7 +135,9 @@ fn capture_share_encode_on_vicodec() {
         bytes.extend(std::fs::read(dir.path(&format!("encoded-{n:05}.fwht"))).unwrap());
     }
     std::fs::write(&stream, bytes).unwrap();
-    let framerate = cons.caps_field("framerate").unwrap_or_else(|| "30/1".into());
+    let framerate = cons
+        .caps_field("framerate")
+        .unwrap_or_else(|| "30/1".into());
     let decode = |sink: &str| {
         gst_launch(&format!(
             "filesrc location={} ! video/x-fwht,width={WIDTH},height={HEIGHT},framerate={framerate},colorimetry=bt601,parsed=true \
@@ -150,7 +160,12 @@ fn capture_share_encode_on_vicodec() {
         cons.frames.len(),
         "the encoder wrote one frame per shared frame"
     );
-    assert_eq!(decoded.len() % frame_size, 0, "decoded size {}", decoded.len());
+    assert_eq!(
+        decoded.len() % frame_size,
+        0,
+        "decoded size {}",
+        decoded.len()
+    );
     let decoded_frames = decoded.len() / frame_size;
     eprintln!("v4l2fwhtdec decoded {decoded_frames} pictures from {encoded_frames} frames + {PADDING} padding");
     assert!(
@@ -172,14 +187,19 @@ fn capture_share_encode_on_vicodec() {
     for (i, f) in cons.frames.iter().enumerate() {
         let (index, p) = prod.frame_at(f.offset).unwrap();
         let captured = frame_of(&raw, frame_size, index);
-        assert_eq!(fnv1a(captured), p.sum, "dumped frame {index} is not the shared frame");
+        assert_eq!(
+            fnv1a(captured),
+            p.sum,
+            "dumped frame {index} is not the shared frame"
+        );
         let picture = frame_of(&decoded, frame_size, i);
         let db = psnr(&picture[..luma], &captured[..luma]);
         // A different captured picture, to show the comparison tells frames apart.
         let other = (0..FRAMES)
             .map(|j| (index + j + 1) % FRAMES)
             .find(|j| frame_of(&raw, frame_size, *j)[..luma] != captured[..luma]);
-        let other_db = other.map(|j| psnr(&picture[..luma], &frame_of(&raw, frame_size, j)[..luma]));
+        let other_db =
+            other.map(|j| psnr(&picture[..luma], &frame_of(&raw, frame_size, j)[..luma]));
         eprintln!(
             "frame offset {}: luma PSNR {db:.2} dB vs its capture, {} vs another capture",
             f.offset,

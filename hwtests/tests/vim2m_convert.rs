@@ -17,7 +17,9 @@ const FRAMES: usize = 20;
 
 /// Packed RGB to packed BGR, the reference for the converter's output.
 fn rgb_to_bgr(rgb: &[u8]) -> Vec<u8> {
-    rgb.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect()
+    rgb.chunks_exact(3)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect()
 }
 
 #[test]
@@ -86,7 +88,11 @@ fn vim2m_converter_imports_dmabuf() {
     assert_eq!(prod.frames.len(), FRAMES, "producer frames");
     assert_identical("consumer", &prod, &cons);
     for f in &cons.frames {
-        assert_eq!(f.kind, "dmabuf", "consumer frame {} is not dma-buf memory", f.offset);
+        assert_eq!(
+            f.kind, "dmabuf",
+            "consumer frame {} is not dma-buf memory",
+            f.offset
+        );
     }
     let imports = assert_imports_are_producer_dmabufs("v4l2convert", &log, &prod, &cons);
     eprintln!("v4l2convert imported {imports} distinct fds, all the producer's dma-bufs");
@@ -106,10 +112,18 @@ fn vim2m_converter_imports_dmabuf() {
     for (i, f) in cons.frames.iter().enumerate() {
         let (index, p) = prod.frame_at(f.offset).unwrap();
         let captured = frame_of(&raw, in_size, index);
-        assert_eq!(fnv1a(captured), p.sum, "dumped frame {index} is not the shared frame");
+        assert_eq!(
+            fnv1a(captured),
+            p.sum,
+            "dumped frame {index} is not the shared frame"
+        );
         let picture = frame_of(&converted, out_size, i);
         let reference = rgb_to_bgr(captured);
-        let differing = picture.iter().zip(&reference).filter(|(a, b)| a != b).count();
+        let differing = picture
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(
             differing == 0,
             "converted frame {i} (offset {}) differs from its capture in {differing} of {out_size} bytes (PSNR {:.2} dB)",
