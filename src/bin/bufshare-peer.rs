@@ -659,7 +659,8 @@ fn consume_into(
     let tail = gst::parse::bin_from_description(desc, true)
         .map_err(|e| format!("--pipeline {desc:?}: {e}"))?;
     pipeline.add_many([src, tail.upcast_ref()]).unwrap();
-    src.link(&tail).map_err(|e| format!("bufsharesrc ! {desc}: {e}"))?;
+    src.link(&tail)
+        .map_err(|e| format!("bufsharesrc ! {desc}: {e}"))?;
     let report = Arc::new(Report {
         lines: Mutex::new(Vec::new()),
     });
