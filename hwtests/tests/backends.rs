@@ -113,7 +113,9 @@ fn backend_dma_heap_system() {
 #[test]
 fn backend_dma_heap_cma() {
     // The CMA heap: "reserved" on the virtual board, "linux,cma" on many boards.
-    let heap = skip_unless!(dma_heap("reserved").or_else(|_| dma_heap("linux,cma")));
+    let heap = skip_unless!(dma_heap("reserved")
+        .or_else(|_| dma_heap("linux,cma"))
+        .map_err(|_| "no CMA dma-heap (/dev/dma_heap/reserved or /dev/dma_heap/linux,cma)"));
     let name = heap.file_name().unwrap().to_str().unwrap().to_string();
     backend_end_to_end("dma-heap", &["--heap", &name], "dmabuf");
 }
