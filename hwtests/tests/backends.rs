@@ -131,12 +131,9 @@ fn backend_drm() {
 
 #[test]
 fn backend_v4l2() {
-    skip_unless!(
-        v4l2_node("vicodec", "mem2mem node", |n| n.is_m2m()).or_else(|_| v4l2_node(
-            "vim2m",
-            "mem2mem node",
-            |n| n.is_m2m()
-        ))
-    );
+    if !v4l2_nodes().iter().any(|n| n.is_m2m()) {
+        eprintln!("skipped: no V4L2 mem2mem device (the v4l2 backend exports its OUTPUT queue)");
+        return;
+    }
     backend_end_to_end("v4l2", &[], "dmabuf");
 }
