@@ -580,3 +580,93 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
 pub fn frame_of(data: &[u8], size: usize, index: usize) -> &[u8] {
     &data[index * size..(index + 1) * size]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(frames: &[(u64, u64, i32)]) -> Report {
+        Report {
+            frames: frames
+                .iter()
+                .map(|(offset, ino, fd)| FrameRec {
+                    offset: *offset,
+                    sum: "0".into(),
+                    size: 1,
+                    ino: *ino,
+                    kind: "dmabuf".into(),
+                    ro: true,
+                    fd: *fd,
+                })
+                .collect(),
+            ..Report::default()
+        }
+    }
+
+    fn log(dir: &TempDir, fds: &[i32]) -> PathBuf {
+        let path = dir.path("gst.log");
+        let text: String = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                format!("0:00:01.0 86 0x1 LOG v4l2allocator gstv4l2allocator.c:1115:gst_v4l2_allocator_import_dmabuf:<enc:pool0:sink:allocator> [{i}] imported DMABUF as fd {fd} plane 0\n")
+            })
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn check(prod: &[(u64, u64, i32)], cons: &[(u64, u64, i32)], imported: &[i32]) {
+        // One directory per check: the unit tests run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = TempDir::new(&format!("unit-{n}"));
+        let log = log(&dir, imported);
+        assert_imports_are_producer_dmabufs("enc", &log, &report(prod), &report(cons));
+    }
+
+    const PROD: &[(u64, u64, i32)] = &[(0, 7, 16), (1, 8, 17)];
+
+    #[test]
+    fn imports_of_the_producers_dmabufs_pass() {
+        check(PROD, &[(0, 7, 25), (1, 8, 26)], &[25, 26]);
+    }
+
+    #[test]
+    #[should_panic(expected = "not one of the producer's dma-bufs")]
+    fn an_import_of_another_file_fails() {
+        check(PROD, &[(0, 7, 25), (1, 9, 26)], &[25, 26]);
+    }
+
+    #[test]
+    #[should_panic(expected = "not the memory of any frame")]
+    fn an_import_of_an_unknown_fd_fails() {
+        check(PROD, &[(0, 7, 25), (1, 8, 26)], &[25, 30]);
+    }
+
+    #[test]
+    #[should_panic(expected = "was never imported")]
+    fn a_frame_that_was_not_imported_fails() {
+        check(PROD, &[(0, 7, 25), (1, 8, 26)], &[25]);
+    }
+
+    #[test]
+    #[should_panic(expected = "imported no dma-buf")]
+    fn no_imports_fail() {
+        check(PROD, &[(0, 7, 25)], &[]);
+    }
+
+    #[test]
+    #[should_panic(expected = "named two files")]
+    fn an_fd_number_naming_two_files_fails() {
+        check(PROD, &[(0, 7, 25), (1, 8, 25)], &[25]);
+    }
+
+    #[test]
+    fn psnr_and_checksum() {
+        assert_eq!(psnr(&[1, 2, 3], &[1, 2, 3]), 99.0);
+        let db = psnr(&[0; 100], &[1; 100]);
+        assert!((db - 48.13).abs() < 0.01, "{db}");
+        assert_eq!(fnv1a(b""), "cbf29ce484222325");
+    }
+}
