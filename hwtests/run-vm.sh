@@ -53,7 +53,8 @@ for line in sys.stdin:
         print(m["executable"])
 ')
 [[ ${#tests[@]} -gt 0 ]] || { echo "hwtests: no test binaries built" >&2; exit 1; }
-bin_dir="$repo/target/debug"
+# bufshare-peer and libgstbufshare.so sit in the profile directory above the test binaries' deps/.
+bin_dir=$(dirname "$(dirname "${tests[0]}")")
 for t in "${tests[@]}"; do echo "    $t"; done
 
 # The command run on the board: every test binary, one test at a time, output shown.
