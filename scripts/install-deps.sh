@@ -23,6 +23,8 @@ packages=(
   gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
   # tests: count the fds passed with SCM_RIGHTS
   strace
+  # hwtests/run-vm.sh: boots the virtual board (virtme-ng comes from pip: hwtests/install-vm-deps.sh)
+  qemu-system-x86
 )
 
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then

@@ -20,6 +20,12 @@
 //! keeps the last N frames referenced (released as newer ones arrive), like a consumer
 //! with a queue, so frames of a producer that went away are still alive after a reconnect.
 //! Producers also report `backend <name in use>` and `stats <the sink's stats>`.
+//!
+//! Hardware tests (hwtests/) also use: `produce --source pipeline --pipeline "v4l2src ... ! caps"`,
+//! which feeds bufsharesink from a gst-launch style description (the free src pad of its last
+//! element), and `consume --pipeline "v4l2fwhtenc ... ! filesink ..."`, which ends the consumer in
+//! that description instead of an appsink (frames are then recorded on bufsharesrc's src pad).
+//! Frame lines end with `fd=..`: the fd number of the memory in this process (-1 if none).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -79,6 +85,18 @@ fn checksum(buffer: &gst::BufferRef) -> u64 {
     h
 }
 
+/// The fd behind the buffer's first memory, if it is fd memory (-1 otherwise).
+fn memory_fd(buffer: &gst::BufferRef) -> i32 {
+    buffer
+        .iter_memories()
+        .next()
+        .and_then(|m| {
+            m.downcast_memory_ref::<gst_allocators::FdMemory>()
+                .map(|m| m.fd())
+        })
+        .unwrap_or(-1)
+}
+
 /// (inode, kind) of the buffer's first memory.
 fn memory_identity(buffer: &gst::BufferRef) -> (u64, &'static str, bool) {
     let Some(mem) = buffer.iter_memories().next() else {
@@ -116,7 +134,7 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         })
         .unwrap_or_else(|| "-".into());
     format!(
-        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={}",
+        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={} fd={}",
         buffer.offset(),
         checksum(buffer),
         buffer.size(),
@@ -124,7 +142,8 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         kind,
         ro as u8,
         strides,
-        clock.map_or("-".into(), |c| c.to_string())
+        clock.map_or("-".into(), |c| c.to_string()),
+        memory_fd(buffer)
     )
 }
 
@@ -203,6 +222,12 @@ fn produce(args: &Args) -> Result<(), String> {
     let returned = Arc::new(AtomicUsize::new(0));
     let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
     let head = match source.as_str() {
+        "pipeline" => {
+            let desc = args.str("pipeline", "");
+            let bin = gst::parse::bin_from_description(&desc, true)
+                .map_err(|e| format!("--pipeline {desc:?}: {e}"))?;
+            bin.upcast()
+        }
         "test" | "audio" => {
             let (src, caps) = if source == "test" {
                 let format = args.str("format", "NV12");
@@ -608,6 +633,10 @@ fn consume(args: &Args) -> Result<(), String> {
         .property("reconnect-interval", args.num("reconnect-interval", 100))
         .build()
         .map_err(|e| e.to_string())?;
+    let tail = args.str("pipeline", "");
+    if !tail.is_empty() {
+        return consume_into(&pipeline, &src, &tail, &args.str("report", "-"));
+    }
     let hold = args.num("hold", 0) as usize;
     let mut held = std::collections::VecDeque::new();
     let sink = gst_app::AppSink::builder().sync(false).build();
@@ -672,6 +701,56 @@ fn consume(args: &Args) -> Result<(), String> {
     drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(&args.str("report", "-"));
+    result
+}
+
+/// `consume --pipeline`: bufsharesrc feeds the described elements (an encoder, a converter, a
+/// filesink...) until EOS; frames are recorded as they leave bufsharesrc.
+fn consume_into(
+    pipeline: &gst::Pipeline,
+    src: &gst::Element,
+    desc: &str,
+    report_path: &str,
+) -> Result<(), String> {
+    let tail = gst::parse::bin_from_description(desc, true)
+        .map_err(|e| format!("--pipeline {desc:?}: {e}"))?;
+    pipeline.add_many([src, tail.upcast_ref()]).unwrap();
+    src.link(&tail)
+        .map_err(|e| format!("bufsharesrc ! {desc}: {e}"))?;
+    let report = Arc::new(Report {
+        lines: Mutex::new(Vec::new()),
+    });
+    let rep = report.clone();
+    let last_caps = Mutex::new(None::<String>);
+    let base = pipeline.downgrade();
+    src.static_pad("src")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+            if let Some(buffer) = info.buffer() {
+                let caps = pad.current_caps().map(|c| c.to_string());
+                let mut lc = last_caps.lock().unwrap();
+                if *lc != caps {
+                    rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
+                    *lc = caps;
+                }
+                let clock = buffer
+                    .pts()
+                    .zip(base.upgrade().and_then(|p| p.base_time()))
+                    .map(|(p, b)| (p + b).nseconds());
+                rep.push(frame_line(buffer, clock));
+            }
+            gst::PadProbeReturn::Ok
+        });
+    let result = if pipeline.set_state(gst::State::Playing).is_err() {
+        let err = run_to_eos(pipeline, Duration::from_secs(1))
+            .err()
+            .unwrap_or_default();
+        Err(format!("cannot start: {err}"))
+    } else {
+        run_to_eos(pipeline, Duration::from_secs(120))
+    };
+    pipeline.set_state(gst::State::Null).unwrap();
+    report.write(report_path);
     result
 }
 
