@@ -42,6 +42,14 @@ echo "==> hwtests: cargo build -p gst-plugin-bufshare --lib --bins ${features[*]
 cargo build -p gst-plugin-bufshare --lib --bins "${features[@]}"
 echo "==> hwtests: cargo test -p bufshare-hwtests --no-run"
 test_json=$(cargo test -p bufshare-hwtests --tests --no-run --message-format=json)
+# The backends' own device tests (allocate, map, pitch, queue buffers on each real device) and
+# the sink's backend/pool tests run on the board too, built with the same features.
+if [[ -n "$CARGO_FEATURES" ]]; then
+  backend_features=$(python3 -c 'import sys; f=set(sys.argv[1].replace(",", " ").split()); all_ = {"all-backends","imx8"} & f; print(" ".join(["dma-heap","drm","v4l2"] if all_ else sorted(f & {"dma-heap","drm","v4l2"} | ({"dma-heap","v4l2"} if "qcs" in f else set()))))' "$CARGO_FEATURES")
+  echo "==> hwtests: device tests of bufshare-backends (--features '$backend_features') and the sink's backend tests"
+  test_json+=$'\n'$(cargo test -p bufshare-backends --features "$backend_features" --test devices --no-run --message-format=json)
+  test_json+=$'\n'$(cargo test -p gst-plugin-bufshare "${features[@]}" --test backends --no-run --message-format=json)
+fi
 mapfile -t tests < <(printf '%s\n' "$test_json" | python3 -c '
 import json, sys
 for line in sys.stdin:
