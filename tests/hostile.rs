@@ -10,22 +10,23 @@
 //! with the reason on the refused side.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
-use gstbufshare::protocol::{
-    self, Frame, Hello, MemoryKind, MemoryRef, Message, Register, Role, NONE,
-};
+use gstbufshare::protocol::{self, Frame, MemoryKind, MemoryRef, Message, Register, Role, NONE};
 use gstbufshare::transport::unix::{Listener, UnixChannel};
-use gstbufshare::transport::{Channel, Received};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
+mod common;
+
+use common::{hello, recv_datagram, recv_msg};
+
+/// Registers the elements and raises this process's fd limit.
 fn init() {
+    common::init();
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstbufshare::plugin_register_static().unwrap();
         // The registration flood holds 1024 fds in the consumer at once.
         if let Ok(lim) = std::panic::catch_unwind(|| {
             rustix::process::getrlimit(rustix::process::Resource::Nofile)
@@ -46,32 +47,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A socket path in a directory of its own, removed when dropped.
-struct TempSocket(PathBuf);
-
-impl std::ops::Deref for TempSocket {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempSocket {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn temp_socket(name: &str) -> TempSocket {
-    let dir = std::env::temp_dir().join(format!("bufshare-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// A socket path in a directory of its own that other users may enter.
+fn temp_socket(name: &str) -> common::TempSocket {
+    let socket = common::temp_socket("hostile", name);
     // Whatever the umask, other users may enter: the socket's own mode decides.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    TempSocket(dir.join(name))
+    std::fs::set_permissions(
+        socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    socket
 }
 
 /// This process's open fds, leaving out the good pair's frame memory
@@ -133,38 +119,6 @@ fn send_raw(ch: &UnixChannel, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
 
 fn send(ch: &UnixChannel, msg: &Message, fds: &[BorrowedFd<'_>]) {
     send_raw(ch, &protocol::encode(msg), fds);
-}
-
-/// The next datagram, or None once the peer closed; waits up to 10 s.
-fn recv_datagram(c: &UnixChannel) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match c.recv(&mut buf) {
-            Ok(Received::Message { len, fds }) => {
-                buf.truncate(len);
-                return Some((buf, fds));
-            }
-            Ok(Received::Closed) => return None,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(_) => return None,
-        }
-    }
-    panic!("nothing received in 10 s");
-}
-
-fn recv_msg(c: &UnixChannel) -> Option<(Message, Vec<OwnedFd>)> {
-    recv_datagram(c).map(|(bytes, fds)| (protocol::decode(&bytes, fds.len()).unwrap(), fds))
-}
-
-fn hello(version: u16, role: Role) -> Message {
-    Message::Hello(Hello {
-        version,
-        role,
-        features: 0,
-    })
 }
 
 fn bus_texts(pipeline: &gst::Pipeline, kind: gst::MessageType) -> Vec<String> {
@@ -255,6 +209,13 @@ fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
     fds.iter().map(|f| f.as_fd()).collect()
 }
 
+/// Handshakes, then sends an empty RELEASE carrying `n` pipe fds.
+fn release_with_pipe_fds(c: &UnixChannel, n: usize) {
+    handshake(c);
+    let fds = pipes(n);
+    send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
+}
+
 fn sealed_memfd(size: u64) -> OwnedFd {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create("hostile", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
@@ -333,20 +294,12 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
     ),
     (
         "too many fds (4)",
-        |c| {
-            handshake(c);
-            let fds = pipes(4);
-            send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
-        },
+        |c| release_with_pipe_fds(c, 4),
         "fd count mismatch: header says 0, 4 arrived",
     ),
     (
         "far too many fds (20, more than the receive buffer holds)",
-        |c| {
-            handshake(c);
-            let fds = pipes(20);
-            send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
-        },
+        |c| release_with_pipe_fds(c, 20),
         "peer sent more fds than a message may carry",
     ),
     (
@@ -557,6 +510,22 @@ fn frame(mem_id: u64, offset: u64, size: u64) -> Message {
     })
 }
 
+/// The bytes of a REGISTER of memory 1 (a 4096-byte memfd), to send with any fds.
+fn register_bytes() -> Vec<u8> {
+    protocol::encode(&Message::Register(Register {
+        mem_id: 1,
+        kind: MemoryKind::Memfd,
+        size: 4096,
+    }))
+}
+
+/// Registers a fresh sealed 4096-byte memfd as `mem_id`; keep it until the case is over.
+fn register_sealed_memfd(c: &UnixChannel, mem_id: u64) -> OwnedFd {
+    let fd = sealed_memfd(4096);
+    register(c, mem_id, MemoryKind::Memfd, 4096, fd.as_fd());
+    fd
+}
+
 /// A frame whose offset+size overflows u64, which `encode` would happily write.
 fn overflowing_frame_bytes() -> Vec<u8> {
     let mut bytes = protocol::encode(&frame(1, 0, 16));
@@ -622,12 +591,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER with no fd",
         own_handshake: false,
         script: |c| {
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &[]);
+            send_raw(c, &register_bytes(), &[]);
         },
         fault: "fd count mismatch: header says 1, 0 arrived, message kind carries 1",
     },
@@ -636,12 +600,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| {
             let (a, b) = (sealed_memfd(4096), sealed_memfd(4096));
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &[a.as_fd(), b.as_fd()]);
+            send_raw(c, &register_bytes(), &[a.as_fd(), b.as_fd()]);
         },
         fault: "fd count mismatch: header says 1, 2 arrived",
     },
@@ -650,12 +609,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| {
             let fds: Vec<OwnedFd> = (0..20).map(|_| sealed_memfd(4096)).collect();
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &borrowed(&fds));
+            send_raw(c, &register_bytes(), &borrowed(&fds));
         },
         fault: "peer sent more fds than a message may carry",
     },
@@ -745,8 +699,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of the same id twice",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let fd = register_sealed_memfd(c, 1);
             register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
         },
         fault: "REGISTER of memory 1, which is already registered",
@@ -755,8 +708,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME with offset+size past the end of the memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1);
             send(c, &frame(1, 4000, 200), &[]);
         },
         fault: "frame 1 addresses bytes 4000+200 of memory 1, which has 4096",
@@ -765,8 +717,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME whose offset+size overflows u64",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1);
             send_raw(c, &overflowing_frame_bytes(), &[]);
         },
         fault: "FRAME message has invalid memory offset+size 18446744073709551607",
@@ -781,8 +732,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME naming a forgotten memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 5, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 5);
             send(c, &Message::Forget { mem_id: 5 }, &[]);
             send(c, &frame(5, 0, 16), &[]);
         },
