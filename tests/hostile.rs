@@ -519,10 +519,11 @@ fn register_bytes() -> Vec<u8> {
     }))
 }
 
-/// Registers a fresh sealed 4096-byte memfd as `mem_id`; keep it until the case is over.
-fn register_sealed_memfd(c: &UnixChannel, mem_id: u64) -> OwnedFd {
+/// Registers a fresh sealed 4096-byte memfd as `mem_id`, announced as `kind`
+/// of `size` bytes; keep the fd until the case is over.
+fn register_sealed_memfd(c: &UnixChannel, mem_id: u64, kind: MemoryKind, size: u64) -> OwnedFd {
     let fd = sealed_memfd(4096);
-    register(c, mem_id, MemoryKind::Memfd, 4096, fd.as_fd());
+    register(c, mem_id, kind, size, fd.as_fd());
     fd
 }
 
@@ -672,8 +673,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of a memfd announced as a dma-buf",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::DmaBuf, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::DmaBuf, 4096);
         },
         fault: "memory 1: announced as a dma-buf but the fd is a memfd or file",
     },
@@ -681,8 +681,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER larger than the fd's memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 1 << 20, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 1 << 20);
         },
         fault: "memory 1 announced with 1048576 bytes but its fd has 4096",
     },
@@ -690,8 +689,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of size 0",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 0, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 0);
         },
         fault: "memory 1 announced with 0 bytes but its fd has 4096",
     },
@@ -699,7 +697,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of the same id twice",
         own_handshake: false,
         script: |c| {
-            let fd = register_sealed_memfd(c, 1);
+            let fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
         },
         fault: "REGISTER of memory 1, which is already registered",
@@ -708,7 +706,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME with offset+size past the end of the memory",
         own_handshake: false,
         script: |c| {
-            let _fd = register_sealed_memfd(c, 1);
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             send(c, &frame(1, 4000, 200), &[]);
         },
         fault: "frame 1 addresses bytes 4000+200 of memory 1, which has 4096",
@@ -717,7 +715,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME whose offset+size overflows u64",
         own_handshake: false,
         script: |c| {
-            let _fd = register_sealed_memfd(c, 1);
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             send_raw(c, &overflowing_frame_bytes(), &[]);
         },
         fault: "FRAME message has invalid memory offset+size 18446744073709551607",
@@ -732,7 +730,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME naming a forgotten memory",
         own_handshake: false,
         script: |c| {
-            let _fd = register_sealed_memfd(c, 5);
+            let _fd = register_sealed_memfd(c, 5, MemoryKind::Memfd, 4096);
             send(c, &Message::Forget { mem_id: 5 }, &[]);
             send(c, &frame(5, 0, 16), &[]);
         },
