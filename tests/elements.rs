@@ -144,16 +144,7 @@ fn consumer_refuses_a_producer_of_another_version() {
 
 /// A producer pipeline with a live test source, and a bus to read warnings from.
 fn live_producer(path: &Path) -> (gst::Pipeline, gst::Element) {
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let sink = pipeline.by_name("sink").unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    (pipeline, sink)
+    common::live_producer_with(path, "")
 }
 
 /// An appsrc ! bufsharesink producer on `path` (caps optional), started.

@@ -144,15 +144,7 @@ struct GoodPair {
 
 impl GoodPair {
     fn start(path: &Path, sink_props: &str) -> GoodPair {
-        let producer = gst::parse::launch(&format!(
-            "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={} {sink_props}",
-            path.display()
-        ))
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-        let sink = producer.by_name("sink").unwrap();
-        producer.set_state(gst::State::Playing).unwrap();
+        let (producer, sink) = common::live_producer_with(path, sink_props);
         let mut consumer = gst_check::Harness::new_parse(&format!(
             "bufsharesrc socket={} timeout=10000",
             path.display()

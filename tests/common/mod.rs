@@ -8,6 +8,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use gst::prelude::*;
 use gstbufshare::protocol::{self, Hello, Message, Role};
 use gstbufshare::transport::unix::UnixChannel;
 use gstbufshare::transport::{Channel, Received};
@@ -86,4 +87,19 @@ pub fn hello(version: u16, role: Role) -> Message {
         role,
         features: 0,
     })
+}
+
+/// A playing producer pipeline: a live 64x48 NV12 test source into a
+/// bufsharesink named `sink` on `path`, with `sink_props` (`name=value ...`).
+pub fn live_producer_with(path: &Path, sink_props: &str) -> (gst::Pipeline, gst::Element) {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={} {sink_props}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sink = pipeline.by_name("sink").unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    (pipeline, sink)
 }
