@@ -96,6 +96,15 @@ fn assert_no_fd_leak(before: usize, what: &str) {
     }
 }
 
+/// Reads and discards what the peer sends until it closes the connection,
+/// failing with "`who` never dropped" if that takes longer than `within`.
+fn read_until_dropped(c: &UnixChannel, within: Duration, who: &str) {
+    let deadline = Instant::now() + within;
+    while recv_datagram(c).is_some() {
+        assert!(Instant::now() < deadline, "{who} never dropped");
+    }
+}
+
 /// Sends `bytes` with any number of fds, which `UnixChannel::send` would not.
 fn send_raw(ch: &UnixChannel, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let iov = [std::io::IoSlice::new(bytes)];
@@ -156,6 +165,16 @@ impl GoodPair {
             consumer,
         };
         pair.still_streaming();
+        pair
+    }
+
+    /// Starts a pair with default sink settings and pulls 30 frames, so that
+    /// the good consumer's registrations (and the read-only fds) settle.
+    fn start_settled(path: &Path) -> GoodPair {
+        let mut pair = GoodPair::start(path, "");
+        for _ in 0..30 {
+            pair.consumer.pull().unwrap();
+        }
         pair
     }
 
@@ -369,11 +388,7 @@ fn hostile_consumers_are_dropped_with_the_fault_named() {
     init();
     let _serial = serial();
     let path = temp_socket("hostile-consumers.sock");
-    let mut good = GoodPair::start(&path, "");
-    // Let the good consumer's registrations (and the read-only fds) settle.
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&path);
     bus_texts(&good.producer, gst::MessageType::Warning);
     let before = open_fds();
 
@@ -386,10 +401,7 @@ fn hostile_consumers_are_dropped_with_the_fault_named() {
         );
         script(&c);
         // Whatever the sink sent before the drop, the connection then ends.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while recv_datagram(&c).is_some() {
-            assert!(Instant::now() < deadline, "{name}: never dropped");
-        }
+        read_until_dropped(&c, Duration::from_secs(15), &format!("{name}:"));
         drop(c);
         // The element posts the warning from its I/O thread; give it a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -421,10 +433,7 @@ fn silent_connections_are_dropped_after_the_handshake_timeout() {
     init();
     let _serial = serial();
     let path = temp_socket("silent.sock");
-    let mut good = GoodPair::start(&path, "");
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&path);
     let before = open_fds();
     let silent: Vec<UnixChannel> = (0..50)
         .map(|_| UnixChannel::connect(&path).unwrap())
@@ -433,10 +442,7 @@ fn silent_connections_are_dropped_after_the_handshake_timeout() {
         assert!(matches!(recv_msg(c), Some((Message::Hello(_), _))));
     }
     for c in &silent {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while recv_datagram(c).is_some() {
-            assert!(Instant::now() < deadline, "silent peer never dropped");
-        }
+        read_until_dropped(c, Duration::from_secs(20), "silent peer");
     }
     drop(silent);
     good.still_streaming();
@@ -794,10 +800,7 @@ fn run_hostile_producer(case: &'static ProducerCase) -> String {
         }
         (case.script)(&c);
         // The consumer drops us: its end closes.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while recv_datagram(&c).is_some() {
-            assert!(Instant::now() < deadline, "{}: never dropped", case.name);
-        }
+        read_until_dropped(&c, Duration::from_secs(15), &format!("{}:", case.name));
     });
     let consumer = gst::parse::launch(&format!(
         "bufsharesrc socket={} timeout=10000 ! fakesink",
@@ -824,10 +827,7 @@ fn hostile_producers_are_dropped_with_the_fault_named() {
     init();
     let _serial = serial();
     let good_path = temp_socket("good-pair.sock");
-    let mut good = GoodPair::start(&good_path, "");
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&good_path);
     // One run first, so that the lazily created parts of GStreamer (fakesink,
     // the bus, thread pools) are there before counting.
     run_hostile_producer(&PRODUCER_CASES[0]);
