@@ -769,6 +769,17 @@ const PRODUCER_CASES: &[ProducerCase] = &[
     },
 ];
 
+/// A `bufsharesrc ! fakesink` pipeline on `path` (timeout 10 s), not started.
+fn fakesink_consumer(path: &Path) -> gst::Pipeline {
+    gst::parse::launch(&format!(
+        "bufsharesrc socket={} timeout=10000 ! fakesink",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap()
+}
+
 /// Runs one hostile producer against a fresh bufsharesrc pipeline and
 /// returns the error the consumer posted.
 fn run_hostile_producer(case: &'static ProducerCase) -> String {
@@ -802,13 +813,7 @@ fn run_hostile_producer(case: &'static ProducerCase) -> String {
         // The consumer drops us: its end closes.
         read_until_dropped(&c, Duration::from_secs(15), &format!("{}:", case.name));
     });
-    let consumer = gst::parse::launch(&format!(
-        "bufsharesrc socket={} timeout=10000 ! fakesink",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
+    let consumer = fakesink_consumer(&path);
     let _ = consumer.set_state(gst::State::Playing);
     let bus = consumer.bus().unwrap();
     let error = bus
@@ -1066,13 +1071,7 @@ fn peers_of_other_uids_or_gids_are_refused_with_the_reason() {
         .downcast::<gst::Pipeline>()
         .unwrap();
         producer.set_state(gst::State::Playing).unwrap();
-        let consumer = gst::parse::launch(&format!(
-            "bufsharesrc socket={} timeout=10000 ! fakesink",
-            path.display()
-        ))
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
+        let consumer = fakesink_consumer(&path);
         let _ = consumer.set_state(gst::State::Playing);
         let error = consumer
             .bus()
