@@ -5,39 +5,19 @@
 //! upstream hands out GstDmaBufMemory laid out with the device's pitch.
 //! Device tests print `SKIP:` and pass when their device is absent.
 
-use std::path::PathBuf;
-
 use gst::prelude::*;
 
-fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstbufshare::plugin_register_static().unwrap();
-    });
-}
+mod common;
 
-/// A socket path in a fresh directory, removed when dropped.
-struct TempSocket(PathBuf);
-
-impl Drop for TempSocket {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use common::{init, TempSocket};
 
 fn temp_socket(name: &str) -> TempSocket {
-    let dir = std::env::temp_dir().join(format!("bufshare-be-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempSocket(dir.join(name))
+    common::temp_socket("be", name)
 }
 
 fn sink(socket: &TempSocket, props: &[(&str, &str)]) -> gst::Element {
     let e = gst::ElementFactory::make("bufsharesink")
-        .property("socket", socket.0.to_str().unwrap())
+        .property("socket", socket.to_str().unwrap())
         .build()
         .unwrap();
     for (k, v) in props {
@@ -120,7 +100,7 @@ fn dma_heap_that_does_not_exist_fails_at_start_naming_it() {
 fn device_that_is_a_regular_file_fails_at_start_naming_it() {
     init();
     let socket = temp_socket("filedev.sock");
-    let file = socket.0.with_file_name("not-a-device");
+    let file = socket.with_file_name("not-a-device");
     std::fs::write(&file, b"x").unwrap();
     for backend in ["drm", "v4l2"] {
         let sink = sink(
@@ -307,13 +287,13 @@ fn consumer_cpu_reads_of_dmabuf_frames_are_bracketed_by_sync_ioctls() {
     }
     let peer = env!("CARGO_BIN_EXE_bufshare-peer");
     let socket = temp_socket("sync.sock");
-    let dir = socket.0.parent().unwrap().to_path_buf();
+    let dir = socket.parent().unwrap().to_path_buf();
     let (strace_log, report) = (dir.join("strace.txt"), dir.join("consumer.txt"));
     let mut consumer = Command::new("strace")
         .args(["-f", "-e", "trace=ioctl", "-o"])
         .arg(&strace_log)
         .args([peer, "consume", "--socket"])
-        .arg(&socket.0)
+        .arg(&*socket)
         .args(["--timeout", "60000", "--report"])
         .arg(&report)
         .stdout(Stdio::null())
@@ -321,7 +301,7 @@ fn consumer_cpu_reads_of_dmabuf_frames_are_bracketed_by_sync_ioctls() {
         .unwrap();
     let producer = Command::new(peer)
         .args(["produce", "--socket"])
-        .arg(&socket.0)
+        .arg(&*socket)
         .args([
             "--source", "test", "--frames", "10", "--width", "64", "--height", "48",
         ])

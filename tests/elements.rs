@@ -2,52 +2,26 @@
 //! allocation proposal, and bad input (settings, a second producer, scripted
 //! peers that speak another version or send garbage).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use gst::glib;
 use gst::prelude::*;
 use gstbufshare::protocol::{self, Hello, Message, Role};
 use gstbufshare::transport::unix::{Listener, UnixChannel};
-use gstbufshare::transport::{Channel, Received};
+use gstbufshare::transport::Channel;
 
-fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstbufshare::plugin_register_static().unwrap();
-    });
-}
+mod common;
 
-/// A socket path in a directory of its own, removed with everything in it when dropped.
-struct TempSocket(PathBuf);
-
-impl std::ops::Deref for TempSocket {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TempSocket {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempSocket {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use common::{init, recv_datagram, TempSocket};
 
 fn temp_socket(name: &str) -> TempSocket {
-    let dir = std::env::temp_dir().join(format!("bufshare-el-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempSocket(dir.join(name))
+    common::temp_socket("el", name)
+}
+
+/// The next message, decoded, or None once the peer closed.
+fn recv_msg(c: &UnixChannel) -> Option<Message> {
+    common::recv_msg(c).map(|(msg, _fds)| msg)
 }
 
 /// Brings `element` (alone in a pipeline) to PAUSED and returns the error text, if any.
@@ -168,42 +142,9 @@ fn consumer_refuses_a_producer_of_another_version() {
     fake.join().unwrap();
 }
 
-/// The next datagram with its fds, or None once the peer closed; waits up to 2 s.
-fn recv_datagram(c: &UnixChannel) -> Option<(Vec<u8>, Vec<std::os::fd::OwnedFd>)> {
-    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
-    for _ in 0..400 {
-        match c.recv(&mut buf) {
-            Ok(Received::Message { len, fds }) => {
-                buf.truncate(len);
-                return Some((buf, fds));
-            }
-            Ok(Received::Closed) => return None,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(_) => return None,
-        }
-    }
-    panic!("nothing received in 2 s");
-}
-
-/// The next message, decoded, or None once the peer closed.
-fn recv_msg(c: &UnixChannel) -> Option<Message> {
-    recv_datagram(c).map(|(bytes, fds)| protocol::decode(&bytes, fds.len()).unwrap())
-}
-
 /// A producer pipeline with a live test source, and a bus to read warnings from.
 fn live_producer(path: &Path) -> (gst::Pipeline, gst::Element) {
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let sink = pipeline.by_name("sink").unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    (pipeline, sink)
+    common::live_producer_with(path, "")
 }
 
 /// An appsrc ! bufsharesink producer on `path` (caps optional), started.

@@ -10,22 +10,23 @@
 //! with the reason on the refused side.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
-use gstbufshare::protocol::{
-    self, Frame, Hello, MemoryKind, MemoryRef, Message, Register, Role, NONE,
-};
+use gstbufshare::protocol::{self, Frame, MemoryKind, MemoryRef, Message, Register, Role, NONE};
 use gstbufshare::transport::unix::{Listener, UnixChannel};
-use gstbufshare::transport::{Channel, Received};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
+mod common;
+
+use common::{hello, recv_datagram, recv_msg};
+
+/// Registers the elements and raises this process's fd limit.
 fn init() {
+    common::init();
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        gst::init().unwrap();
-        gstbufshare::plugin_register_static().unwrap();
         // The registration flood holds 1024 fds in the consumer at once.
         if let Ok(lim) = std::panic::catch_unwind(|| {
             rustix::process::getrlimit(rustix::process::Resource::Nofile)
@@ -46,32 +47,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A socket path in a directory of its own, removed when dropped.
-struct TempSocket(PathBuf);
-
-impl std::ops::Deref for TempSocket {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempSocket {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn temp_socket(name: &str) -> TempSocket {
-    let dir = std::env::temp_dir().join(format!("bufshare-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// A socket path in a directory of its own that other users may enter.
+fn temp_socket(name: &str) -> common::TempSocket {
+    let socket = common::temp_socket("hostile", name);
     // Whatever the umask, other users may enter: the socket's own mode decides.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    TempSocket(dir.join(name))
+    std::fs::set_permissions(
+        socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    socket
 }
 
 /// This process's open fds, leaving out the good pair's frame memory
@@ -110,6 +96,15 @@ fn assert_no_fd_leak(before: usize, what: &str) {
     }
 }
 
+/// Reads and discards what the peer sends until it closes the connection,
+/// failing with "`who` never dropped" if that takes longer than `within`.
+fn read_until_dropped(c: &UnixChannel, within: Duration, who: &str) {
+    let deadline = Instant::now() + within;
+    while recv_datagram(c).is_some() {
+        assert!(Instant::now() < deadline, "{who} never dropped");
+    }
+}
+
 /// Sends `bytes` with any number of fds, which `UnixChannel::send` would not.
 fn send_raw(ch: &UnixChannel, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let iov = [std::io::IoSlice::new(bytes)];
@@ -135,38 +130,6 @@ fn send(ch: &UnixChannel, msg: &Message, fds: &[BorrowedFd<'_>]) {
     send_raw(ch, &protocol::encode(msg), fds);
 }
 
-/// The next datagram, or None once the peer closed; waits up to 10 s.
-fn recv_datagram(c: &UnixChannel) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match c.recv(&mut buf) {
-            Ok(Received::Message { len, fds }) => {
-                buf.truncate(len);
-                return Some((buf, fds));
-            }
-            Ok(Received::Closed) => return None,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(_) => return None,
-        }
-    }
-    panic!("nothing received in 10 s");
-}
-
-fn recv_msg(c: &UnixChannel) -> Option<(Message, Vec<OwnedFd>)> {
-    recv_datagram(c).map(|(bytes, fds)| (protocol::decode(&bytes, fds.len()).unwrap(), fds))
-}
-
-fn hello(version: u16, role: Role) -> Message {
-    Message::Hello(Hello {
-        version,
-        role,
-        features: 0,
-    })
-}
-
 fn bus_texts(pipeline: &gst::Pipeline, kind: gst::MessageType) -> Vec<String> {
     let bus = pipeline.bus().unwrap();
     let mut out = Vec::new();
@@ -190,15 +153,7 @@ struct GoodPair {
 
 impl GoodPair {
     fn start(path: &Path, sink_props: &str) -> GoodPair {
-        let producer = gst::parse::launch(&format!(
-            "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={} {sink_props}",
-            path.display()
-        ))
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-        let sink = producer.by_name("sink").unwrap();
-        producer.set_state(gst::State::Playing).unwrap();
+        let (producer, sink) = common::live_producer_with(path, sink_props);
         let mut consumer = gst_check::Harness::new_parse(&format!(
             "bufsharesrc socket={} timeout=10000",
             path.display()
@@ -210,6 +165,16 @@ impl GoodPair {
             consumer,
         };
         pair.still_streaming();
+        pair
+    }
+
+    /// Starts a pair with default sink settings and pulls 30 frames, so that
+    /// the good consumer's registrations (and the read-only fds) settle.
+    fn start_settled(path: &Path) -> GoodPair {
+        let mut pair = GoodPair::start(path, "");
+        for _ in 0..30 {
+            pair.consumer.pull().unwrap();
+        }
         pair
     }
 
@@ -253,6 +218,13 @@ fn pipes(n: usize) -> Vec<OwnedFd> {
 
 fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
     fds.iter().map(|f| f.as_fd()).collect()
+}
+
+/// Handshakes, then sends an empty RELEASE carrying `n` pipe fds.
+fn release_with_pipe_fds(c: &UnixChannel, n: usize) {
+    handshake(c);
+    let fds = pipes(n);
+    send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
 }
 
 fn sealed_memfd(size: u64) -> OwnedFd {
@@ -333,20 +305,12 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
     ),
     (
         "too many fds (4)",
-        |c| {
-            handshake(c);
-            let fds = pipes(4);
-            send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
-        },
+        |c| release_with_pipe_fds(c, 4),
         "fd count mismatch: header says 0, 4 arrived",
     ),
     (
         "far too many fds (20, more than the receive buffer holds)",
-        |c| {
-            handshake(c);
-            let fds = pipes(20);
-            send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
-        },
+        |c| release_with_pipe_fds(c, 20),
         "peer sent more fds than a message may carry",
     ),
     (
@@ -424,11 +388,7 @@ fn hostile_consumers_are_dropped_with_the_fault_named() {
     init();
     let _serial = serial();
     let path = temp_socket("hostile-consumers.sock");
-    let mut good = GoodPair::start(&path, "");
-    // Let the good consumer's registrations (and the read-only fds) settle.
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&path);
     bus_texts(&good.producer, gst::MessageType::Warning);
     let before = open_fds();
 
@@ -441,10 +401,7 @@ fn hostile_consumers_are_dropped_with_the_fault_named() {
         );
         script(&c);
         // Whatever the sink sent before the drop, the connection then ends.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while recv_datagram(&c).is_some() {
-            assert!(Instant::now() < deadline, "{name}: never dropped");
-        }
+        read_until_dropped(&c, Duration::from_secs(15), &format!("{name}:"));
         drop(c);
         // The element posts the warning from its I/O thread; give it a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -476,10 +433,7 @@ fn silent_connections_are_dropped_after_the_handshake_timeout() {
     init();
     let _serial = serial();
     let path = temp_socket("silent.sock");
-    let mut good = GoodPair::start(&path, "");
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&path);
     let before = open_fds();
     let silent: Vec<UnixChannel> = (0..50)
         .map(|_| UnixChannel::connect(&path).unwrap())
@@ -488,10 +442,7 @@ fn silent_connections_are_dropped_after_the_handshake_timeout() {
         assert!(matches!(recv_msg(c), Some((Message::Hello(_), _))));
     }
     for c in &silent {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while recv_datagram(c).is_some() {
-            assert!(Instant::now() < deadline, "silent peer never dropped");
-        }
+        read_until_dropped(c, Duration::from_secs(20), "silent peer");
     }
     drop(silent);
     good.still_streaming();
@@ -555,6 +506,23 @@ fn frame(mem_id: u64, offset: u64, size: u64) -> Message {
         }],
         metas: vec![],
     })
+}
+
+/// The bytes of a REGISTER of memory 1 (a 4096-byte memfd), to send with any fds.
+fn register_bytes() -> Vec<u8> {
+    protocol::encode(&Message::Register(Register {
+        mem_id: 1,
+        kind: MemoryKind::Memfd,
+        size: 4096,
+    }))
+}
+
+/// Registers a fresh sealed 4096-byte memfd as `mem_id`, announced as `kind`
+/// of `size` bytes; keep the fd until the case is over.
+fn register_sealed_memfd(c: &UnixChannel, mem_id: u64, kind: MemoryKind, size: u64) -> OwnedFd {
+    let fd = sealed_memfd(4096);
+    register(c, mem_id, kind, size, fd.as_fd());
+    fd
 }
 
 /// A frame whose offset+size overflows u64, which `encode` would happily write.
@@ -622,12 +590,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER with no fd",
         own_handshake: false,
         script: |c| {
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &[]);
+            send_raw(c, &register_bytes(), &[]);
         },
         fault: "fd count mismatch: header says 1, 0 arrived, message kind carries 1",
     },
@@ -636,12 +599,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| {
             let (a, b) = (sealed_memfd(4096), sealed_memfd(4096));
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &[a.as_fd(), b.as_fd()]);
+            send_raw(c, &register_bytes(), &[a.as_fd(), b.as_fd()]);
         },
         fault: "fd count mismatch: header says 1, 2 arrived",
     },
@@ -650,12 +608,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| {
             let fds: Vec<OwnedFd> = (0..20).map(|_| sealed_memfd(4096)).collect();
-            let bytes = protocol::encode(&Message::Register(Register {
-                mem_id: 1,
-                kind: MemoryKind::Memfd,
-                size: 4096,
-            }));
-            send_raw(c, &bytes, &borrowed(&fds));
+            send_raw(c, &register_bytes(), &borrowed(&fds));
         },
         fault: "peer sent more fds than a message may carry",
     },
@@ -718,8 +671,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of a memfd announced as a dma-buf",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::DmaBuf, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::DmaBuf, 4096);
         },
         fault: "memory 1: announced as a dma-buf but the fd is a memfd or file",
     },
@@ -727,8 +679,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER larger than the fd's memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 1 << 20, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 1 << 20);
         },
         fault: "memory 1 announced with 1048576 bytes but its fd has 4096",
     },
@@ -736,8 +687,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of size 0",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 0, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 0);
         },
         fault: "memory 1 announced with 0 bytes but its fd has 4096",
     },
@@ -745,8 +695,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "REGISTER of the same id twice",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
         },
         fault: "REGISTER of memory 1, which is already registered",
@@ -755,8 +704,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME with offset+size past the end of the memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             send(c, &frame(1, 4000, 200), &[]);
         },
         fault: "frame 1 addresses bytes 4000+200 of memory 1, which has 4096",
@@ -765,8 +713,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME whose offset+size overflows u64",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 1, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 1, MemoryKind::Memfd, 4096);
             send_raw(c, &overflowing_frame_bytes(), &[]);
         },
         fault: "FRAME message has invalid memory offset+size 18446744073709551607",
@@ -781,8 +728,7 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         name: "FRAME naming a forgotten memory",
         own_handshake: false,
         script: |c| {
-            let fd = sealed_memfd(4096);
-            register(c, 5, MemoryKind::Memfd, 4096, fd.as_fd());
+            let _fd = register_sealed_memfd(c, 5, MemoryKind::Memfd, 4096);
             send(c, &Message::Forget { mem_id: 5 }, &[]);
             send(c, &frame(5, 0, 16), &[]);
         },
@@ -823,6 +769,17 @@ const PRODUCER_CASES: &[ProducerCase] = &[
     },
 ];
 
+/// A `bufsharesrc ! fakesink` pipeline on `path` (timeout 10 s), not started.
+fn fakesink_consumer(path: &Path) -> gst::Pipeline {
+    gst::parse::launch(&format!(
+        "bufsharesrc socket={} timeout=10000 ! fakesink",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap()
+}
+
 /// Runs one hostile producer against a fresh bufsharesrc pipeline and
 /// returns the error the consumer posted.
 fn run_hostile_producer(case: &'static ProducerCase) -> String {
@@ -854,18 +811,9 @@ fn run_hostile_producer(case: &'static ProducerCase) -> String {
         }
         (case.script)(&c);
         // The consumer drops us: its end closes.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while recv_datagram(&c).is_some() {
-            assert!(Instant::now() < deadline, "{}: never dropped", case.name);
-        }
+        read_until_dropped(&c, Duration::from_secs(15), &format!("{}:", case.name));
     });
-    let consumer = gst::parse::launch(&format!(
-        "bufsharesrc socket={} timeout=10000 ! fakesink",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
+    let consumer = fakesink_consumer(&path);
     let _ = consumer.set_state(gst::State::Playing);
     let bus = consumer.bus().unwrap();
     let error = bus
@@ -884,10 +832,7 @@ fn hostile_producers_are_dropped_with_the_fault_named() {
     init();
     let _serial = serial();
     let good_path = temp_socket("good-pair.sock");
-    let mut good = GoodPair::start(&good_path, "");
-    for _ in 0..30 {
-        good.consumer.pull().unwrap();
-    }
+    let mut good = GoodPair::start_settled(&good_path);
     // One run first, so that the lazily created parts of GStreamer (fakesink,
     // the bus, thread pools) are there before counting.
     run_hostile_producer(&PRODUCER_CASES[0]);
@@ -1126,13 +1071,7 @@ fn peers_of_other_uids_or_gids_are_refused_with_the_reason() {
         .downcast::<gst::Pipeline>()
         .unwrap();
         producer.set_state(gst::State::Playing).unwrap();
-        let consumer = gst::parse::launch(&format!(
-            "bufsharesrc socket={} timeout=10000 ! fakesink",
-            path.display()
-        ))
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
+        let consumer = fakesink_consumer(&path);
         let _ = consumer.set_state(gst::State::Playing);
         let error = consumer
             .bus()

@@ -18,7 +18,7 @@
 //! (`/dev/video*` by number) and keeps the first whose OUTPUT queue takes the
 //! format as asked.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -170,6 +170,34 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// What VIDIOC_QUERYCAP says about an open V4L2 device.
+#[derive(Debug, Clone)]
+pub struct Capabilities {
+    pub driver: String,
+    pub card: String,
+    /// The node's own capabilities (`device_caps` where the driver reports
+    /// them, else the whole device's), `V4L2_CAP_*` bits.
+    pub device_caps: u32,
+}
+
+/// Asks an open device what it is (VIDIOC_QUERYCAP).
+pub fn query_capabilities(fd: impl AsFd) -> std::io::Result<Capabilities> {
+    // SAFETY: all-zero is a valid `struct v4l2_capability`.
+    let mut cap: Capability = unsafe { std::mem::zeroed() };
+    // SAFETY: VIDIOC_QUERYCAP takes a `struct v4l2_capability`.
+    unsafe { ioctl_rw::<VIDIOC_QUERYCAP, _>(fd, &mut cap) }?;
+    let device_caps = if cap.capabilities & CAP_DEVICE_CAPS != 0 {
+        cap.device_caps
+    } else {
+        cap.capabilities
+    };
+    Ok(Capabilities {
+        driver: c_string(&cap.driver),
+        card: c_string(&cap.card),
+        device_caps,
+    })
+}
+
 /// Opens `path` and picks its queue; errors name the path and the reason.
 fn probe(path: &Path) -> Result<(OwnedFd, DeviceInfo), BackendError> {
     let fd = open_device(path)?;
@@ -178,16 +206,9 @@ fn probe(path: &Path) -> Result<(OwnedFd, DeviceInfo), BackendError> {
         path: path.display().to_string(),
         reason,
     };
-    // SAFETY: all-zero is a valid `struct v4l2_capability`.
-    let mut cap: Capability = unsafe { std::mem::zeroed() };
-    // SAFETY: VIDIOC_QUERYCAP takes a `struct v4l2_capability`.
-    unsafe { ioctl_rw::<VIDIOC_QUERYCAP, _>(&fd, &mut cap) }
+    let cap = query_capabilities(&fd)
         .map_err(|e| device_err(format!("not a V4L2 device (VIDIOC_QUERYCAP: {e})")))?;
-    let caps = if cap.capabilities & CAP_DEVICE_CAPS != 0 {
-        cap.device_caps
-    } else {
-        cap.capabilities
-    };
+    let caps = cap.device_caps;
     if caps & CAP_STREAMING == 0 {
         return Err(device_err(
             "V4L2 device without streaming I/O (no MMAP buffers)".into(),
@@ -226,13 +247,13 @@ fn probe(path: &Path) -> Result<(OwnedFd, DeviceInfo), BackendError> {
     } else {
         return Err(device_err(format!(
             "V4L2 device {} has no video capture, output or mem2mem queue",
-            c_string(&cap.card)
+            cap.card
         )));
     };
     let info = DeviceInfo {
         path: path.to_path_buf(),
-        driver: c_string(&cap.driver),
-        card: c_string(&cap.card),
+        driver: cap.driver,
+        card: cap.card,
         queue,
     };
     Ok((fd, info))

@@ -7,7 +7,6 @@
 //! `cargo test --workspace` on a machine without the drivers stays green.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -66,27 +65,6 @@ impl V4l2Node {
     }
 }
 
-/// struct v4l2_capability (videodev2.h).
-#[repr(C)]
-struct V4l2Capability {
-    driver: [u8; 16],
-    card: [u8; 32],
-    bus_info: [u8; 32],
-    version: u32,
-    capabilities: u32,
-    device_caps: u32,
-    reserved: [u32; 3],
-}
-const _: () = assert!(std::mem::size_of::<V4l2Capability>() == 104);
-const VIDIOC_QUERYCAP: rustix::ioctl::Opcode =
-    rustix::ioctl::opcode::read::<V4l2Capability>(b'V', 0);
-const V4L2_CAP_DEVICE_CAPS: u32 = 0x8000_0000;
-
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
 fn query_cap(path: &Path) -> Option<V4l2Node> {
     let fd = rustix::fs::open(
         path,
@@ -94,24 +72,12 @@ fn query_cap(path: &Path) -> Option<V4l2Node> {
         rustix::fs::Mode::empty(),
     )
     .ok()?;
-    // SAFETY: VIDIOC_QUERYCAP fills a struct v4l2_capability, whose layout is checked above.
-    let cap: V4l2Capability = unsafe {
-        rustix::ioctl::ioctl(
-            fd.as_fd(),
-            rustix::ioctl::Getter::<VIDIOC_QUERYCAP, V4l2Capability>::new(),
-        )
-    }
-    .ok()?;
-    let device_caps = if cap.capabilities & V4L2_CAP_DEVICE_CAPS != 0 {
-        cap.device_caps
-    } else {
-        cap.capabilities
-    };
+    let cap = bufshare_backends::v4l2::query_capabilities(&fd).ok()?;
     Some(V4l2Node {
         path: path.to_path_buf(),
-        driver: c_string(&cap.driver),
-        card: c_string(&cap.card),
-        device_caps,
+        driver: cap.driver,
+        card: cap.card,
+        device_caps: cap.device_caps,
     })
 }
 
@@ -376,6 +342,65 @@ pub fn wait_for_socket(socket: &Path, producer: &mut Proc) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Starts `bufshare-peer produce` (report in `dir/producer.txt`, stderr in `dir/producer.err`)
+/// serving `frames` frames of `camera` (a V4L2 capture node, `io-mode=dmabuf`) as
+/// `format` at `width`x`height` on `socket`, with a copy of every captured frame written to
+/// `raw`; returns once it serves, after one consumer connects it streams.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_camera_producer(
+    peer: &Path,
+    dir: &TempDir,
+    socket: &Path,
+    camera: &Path,
+    format: &str,
+    (width, height): (usize, usize),
+    frames: usize,
+    raw: &Path,
+) -> Proc {
+    let mut producer = Command::new(peer);
+    producer
+        .args(["produce", "--socket"])
+        .arg(socket)
+        .args(["--source", "pipeline", "--pipeline"])
+        .arg(format!(
+            "v4l2src device={} io-mode=dmabuf num-buffers={frames} \
+             extra-controls=c,horizontal_movement=6 \
+             ! video/x-raw,format={format},width={width},height={height} \
+             ! tee name=t ! queue ! filesink location={} t. ! queue",
+            camera.display(),
+            raw.display()
+        ))
+        .args(["--wait-clients", "1", "--report"])
+        .arg(dir.path("producer.txt"));
+    let mut producer = Proc::spawn("producer", producer, dir.path("producer.err"));
+    wait_for_socket(socket, &mut producer);
+    producer
+}
+
+/// Starts `bufshare-peer consume` on `socket` running `bufsharesrc ! pipeline` (report in
+/// `dir/consumer.txt`, stderr in `dir/consumer.err`), with the V4L2 allocator's debug log
+/// (which names the dma-buf fds it imports) written to `gst_log`.
+pub fn spawn_v4l2_consumer(
+    peer: &Path,
+    dir: &TempDir,
+    socket: &Path,
+    pipeline: &str,
+    gst_log: &Path,
+) -> Proc {
+    let mut consumer = Command::new(peer);
+    consumer
+        .args(["consume", "--socket"])
+        .arg(socket)
+        .args(["--timeout", "60000", "--pipeline"])
+        .arg(pipeline)
+        .arg("--report")
+        .arg(dir.path("consumer.txt"))
+        .env("GST_DEBUG", "v4l2allocator:6")
+        .env("GST_DEBUG_NO_COLOR", "1")
+        .env("GST_DEBUG_FILE", gst_log);
+    Proc::spawn("consumer", consumer, dir.path("consumer.err"))
 }
 
 /// Runs a command to the end and returns its output.

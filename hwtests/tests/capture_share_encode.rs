@@ -13,8 +13,6 @@
 //!   (luma PSNR >= 30 dB; FWHT at its default quality measures about 36 dB on vivid), and closer
 //!   to it than to a different captured picture.
 
-use std::process::Command;
-
 use bufshare_hwtests::*;
 
 const WIDTH: usize = 640; // a vivid webcam size, a multiple of vicodec's 8x8 blocks
@@ -43,39 +41,26 @@ fn capture_share_encode_on_vicodec() {
     let decoded = dir.path("decoded.nv12");
     let enc_log = dir.path("consumer-gst.log");
 
-    let mut producer = Command::new(&peer);
-    producer
-        .args(["produce", "--socket"])
-        .arg(&socket)
-        .args(["--source", "pipeline", "--pipeline"])
-        .arg(format!(
-            "v4l2src device={} io-mode=dmabuf num-buffers={FRAMES} \
-             extra-controls=c,horizontal_movement=6 \
-             ! video/x-raw,format=NV12,width={WIDTH},height={HEIGHT} \
-             ! tee name=t ! queue ! filesink location={} t. ! queue",
-            camera.path.display(),
-            raw.display()
-        ))
-        .args(["--wait-clients", "1", "--report"])
-        .arg(dir.path("producer.txt"));
-    let mut producer = Proc::spawn("producer", producer, dir.path("producer.err"));
-    wait_for_socket(&socket, &mut producer);
-
-    let mut consumer = Command::new(&peer);
-    consumer
-        .args(["consume", "--socket"])
-        .arg(&socket)
-        .args(["--timeout", "60000", "--pipeline"])
-        .arg(format!(
+    let producer = spawn_camera_producer(
+        &peer,
+        &dir,
+        &socket,
+        &camera.path,
+        "NV12",
+        (WIDTH, HEIGHT),
+        FRAMES,
+        &raw,
+    );
+    let consumer = spawn_v4l2_consumer(
+        &peer,
+        &dir,
+        &socket,
+        &format!(
             "v4l2fwhtenc output-io-mode=dmabuf-import ! multifilesink location={}",
             encoded.display()
-        ))
-        .arg("--report")
-        .arg(dir.path("consumer.txt"))
-        .env("GST_DEBUG", "v4l2allocator:6")
-        .env("GST_DEBUG_NO_COLOR", "1")
-        .env("GST_DEBUG_FILE", &enc_log);
-    let consumer = Proc::spawn("consumer", consumer, dir.path("consumer.err"));
+        ),
+        &enc_log,
+    );
     consumer.wait_ok();
     producer.wait_ok();
 

@@ -7,8 +7,6 @@
 //! dma-bufs (same inodes) for every frame, it produced one picture per frame, and each picture is
 //! the captured frame with red and blue swapped, byte for byte.
 
-use std::process::Command;
-
 use bufshare_hwtests::*;
 
 const WIDTH: usize = 320; // a vivid webcam size
@@ -41,40 +39,27 @@ fn vim2m_converter_imports_dmabuf() {
     let converted = dir.path("converted.bgr");
     let log = dir.path("consumer-gst.log");
 
-    let mut producer = Command::new(&peer);
-    producer
-        .args(["produce", "--socket"])
-        .arg(&socket)
-        .args(["--source", "pipeline", "--pipeline"])
-        .arg(format!(
-            "v4l2src device={} io-mode=dmabuf num-buffers={FRAMES} \
-             extra-controls=c,horizontal_movement=6 \
-             ! video/x-raw,format=RGB,width={WIDTH},height={HEIGHT} \
-             ! tee name=t ! queue ! filesink location={} t. ! queue",
-            camera.path.display(),
-            raw.display()
-        ))
-        .args(["--wait-clients", "1", "--report"])
-        .arg(dir.path("producer.txt"));
-    let mut producer = Proc::spawn("producer", producer, dir.path("producer.err"));
-    wait_for_socket(&socket, &mut producer);
-
-    let mut consumer = Command::new(&peer);
-    consumer
-        .args(["consume", "--socket"])
-        .arg(&socket)
-        .args(["--timeout", "60000", "--pipeline"])
-        .arg(format!(
+    let producer = spawn_camera_producer(
+        &peer,
+        &dir,
+        &socket,
+        &camera.path,
+        "RGB",
+        (WIDTH, HEIGHT),
+        FRAMES,
+        &raw,
+    );
+    let consumer = spawn_v4l2_consumer(
+        &peer,
+        &dir,
+        &socket,
+        &format!(
             "v4l2convert output-io-mode=dmabuf-import \
              ! video/x-raw,format=BGR,width={WIDTH},height={HEIGHT} ! filesink location={}",
             converted.display()
-        ))
-        .arg("--report")
-        .arg(dir.path("consumer.txt"))
-        .env("GST_DEBUG", "v4l2allocator:6")
-        .env("GST_DEBUG_NO_COLOR", "1")
-        .env("GST_DEBUG_FILE", &log);
-    let consumer = Proc::spawn("consumer", consumer, dir.path("consumer.err"));
+        ),
+        &log,
+    );
     consumer.wait_ok();
     producer.wait_ok();
 

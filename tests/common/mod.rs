@@ -1,0 +1,105 @@
+//! Helpers shared by the integration test files (`mod common;` in each):
+//! plugin registration, socket paths in throwaway directories, and reading
+//! whole messages from a scripted peer's channel. Not every test binary uses
+//! every helper, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use gstbufshare::protocol::{self, Hello, Message, Role};
+use gstbufshare::transport::unix::UnixChannel;
+use gstbufshare::transport::{Channel, Received};
+
+/// Initialises GStreamer and registers the bufshare elements, once per process.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        gst::init().unwrap();
+        gstbufshare::plugin_register_static().unwrap();
+    });
+}
+
+/// A socket path in a directory of its own, removed with everything in it when dropped.
+pub struct TempSocket(PathBuf);
+
+impl std::ops::Deref for TempSocket {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempSocket {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempSocket {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `name` in a fresh directory `bufshare-<tag>-<pid>-<name>` under the temp dir;
+/// `tag` tells the test files' directories apart.
+pub fn temp_socket(tag: &str, name: &str) -> TempSocket {
+    let dir = std::env::temp_dir().join(format!("bufshare-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    TempSocket(dir.join(name))
+}
+
+/// The next datagram with its fds, or None once the peer closed; waits up to 10 s.
+pub fn recv_datagram(c: &UnixChannel) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match c.recv(&mut buf) {
+            Ok(Received::Message { len, fds }) => {
+                buf.truncate(len);
+                return Some((buf, fds));
+            }
+            Ok(Received::Closed) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return None,
+        }
+    }
+    panic!("nothing received in 10 s");
+}
+
+/// The next message, decoded, with its fds, or None once the peer closed.
+pub fn recv_msg(c: &UnixChannel) -> Option<(Message, Vec<OwnedFd>)> {
+    recv_datagram(c).map(|(bytes, fds)| (protocol::decode(&bytes, fds.len()).unwrap(), fds))
+}
+
+/// A HELLO without optional features.
+pub fn hello(version: u16, role: Role) -> Message {
+    Message::Hello(Hello {
+        version,
+        role,
+        features: 0,
+    })
+}
+
+/// A playing producer pipeline: a live 64x48 NV12 test source into a
+/// bufsharesink named `sink` on `path`, with `sink_props` (`name=value ...`).
+pub fn live_producer_with(path: &Path, sink_props: &str) -> (gst::Pipeline, gst::Element) {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={} {sink_props}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sink = pipeline.by_name("sink").unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    (pipeline, sink)
+}
