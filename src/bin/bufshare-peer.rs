@@ -6,13 +6,23 @@
 //! of memory, and (producer `slots` source) how many pushed buffers came back.
 //!
 //! ```text
-//! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
+//! bufshare-peer produce --socket S [--source test|slots|pool|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
-//! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
+//!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
+//!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH]
+//! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
+//!                       [--sum-bytes N]
 //! ```
 //!
-//! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=..`
-//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`.
+//! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=..`
+//! per frame (`wall`: CLOCK_MONOTONIC ns when the frame reached the sink or the appsink), for
+//! producers `summary pushed=.. returned=.. inodes=..`, and with `--stats-every` lines
+//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
+//! `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
+//! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
+//! consumer keep the last N frames it received (a greedy consumer). `--eos-file P` ends the
+//! producer's stream (EOS) as soon as file P exists, for runs of unknown length. `--sum-bytes N` checksums only
+//! the first N bytes of each frame (0, the default: all of it), for big frames in debug builds.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -61,11 +71,24 @@ impl Args {
     }
 }
 
+/// How many bytes of each frame to checksum (0: all), from `--sum-bytes`.
+static SUM_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// CLOCK_MONOTONIC now, in ns (the clock GStreamer's system clock and the wire use).
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// FNV-1a over the buffer's bytes.
 fn checksum(buffer: &gst::BufferRef) -> u64 {
     let map = buffer.map_readable().expect("readable buffer");
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in map.iter() {
+    let limit = match SUM_BYTES.load(Ordering::Relaxed) {
+        0 => map.len(),
+        n => n.min(map.len()),
+    };
+    for b in map[..limit].iter() {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -109,7 +132,7 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         })
         .unwrap_or_else(|| "-".into());
     format!(
-        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={}",
+        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={} wall={}",
         buffer.offset(),
         checksum(buffer),
         buffer.size(),
@@ -117,7 +140,8 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         kind,
         ro as u8,
         strides,
-        clock.map_or("-".into(), |c| c.to_string())
+        clock.map_or("-".into(), |c| c.to_string()),
+        monotonic_ns()
     )
 }
 
@@ -185,6 +209,8 @@ fn produce(args: &Args) -> Result<(), String> {
     let sink = gst::ElementFactory::make("bufsharesink")
         .property("socket", &socket)
         .property("max-inflight", args.num("max-inflight", 8) as u32)
+        .property("max-held", args.num("max-held", 0) as u32)
+        .property("client-timeout", args.num("client-timeout", 3000) as u32)
         .build()
         .map_err(|e| e.to_string())?;
     let returned = Arc::new(AtomicUsize::new(0));
@@ -232,7 +258,16 @@ fn produce(args: &Args) -> Result<(), String> {
                 .is_live(true)
                 .format(gst::Format::Time)
                 .build();
-            let (caps, gen) = app_source(&source, width, height, fps, frames, returned.clone());
+            let pool_max = args.num("pool-max", 4) as u32;
+            let (caps, gen) = app_source(
+                &source,
+                width,
+                height,
+                fps,
+                frames,
+                pool_max,
+                returned.clone(),
+            );
             appsrc.set_caps(Some(&caps));
             let src = appsrc.clone();
             let dur = gst::ClockTime::SECOND / fps as u64;
@@ -324,8 +359,42 @@ fn produce(args: &Args) -> Result<(), String> {
         .set_state(gst::State::Playing)
         .map_err(|_| "cannot play".to_string())?;
     let pusher_thread = pusher.map(std::thread::spawn);
-    let result = run_to_eos(&pipeline, Duration::from_secs(120));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = match args.num("stats-every", 0) {
+        0 => None,
+        ms => {
+            let (sink, rep, on) = (sink.clone(), report.clone(), sampling.clone());
+            Some(std::thread::spawn(move || {
+                while on.load(Ordering::SeqCst) {
+                    sample_stats(&sink, &rep);
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }))
+        }
+    };
+    let eos_watch = match args.0.get("eos-file") {
+        None => None,
+        Some(path) => {
+            let (path, pipeline, on) = (path.clone(), pipeline.clone(), sampling.clone());
+            Some(std::thread::spawn(move || {
+                while on.load(Ordering::SeqCst) {
+                    if std::path::Path::new(&path).exists() {
+                        pipeline.send_event(gst::event::Eos::new());
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }))
+        }
+    };
+    // Long enough for the longest run the tests ask for (the soak test's duration comes with --frames).
+    let limit = Duration::from_secs(120 + 2 * frames / fps.max(1) as u64);
+    let result = run_to_eos(&pipeline, limit);
     if let Some(t) = pusher_thread {
+        let _ = t.join();
+    }
+    sampling.store(false, Ordering::SeqCst);
+    for t in [sampler, eos_watch].into_iter().flatten() {
         let _ = t.join();
     }
     // Consumers finish and leave after EOS; what they held comes back then.
@@ -359,6 +428,29 @@ fn produce(args: &Args) -> Result<(), String> {
     result
 }
 
+/// One `client ...` report line per consumer, from the sink's stats.
+fn sample_stats(sink: &gst::Element, report: &Report) {
+    let stats = sink.property::<gst::Structure>("stats");
+    let wall = monotonic_ns();
+    let Ok(clients) = stats.get::<gst::Array>("clients") else {
+        return;
+    };
+    for c in clients.iter() {
+        let Ok(c) = c.get::<gst::Structure>() else {
+            continue;
+        };
+        report.push(format!(
+            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={}",
+            c.get::<i32>("pid").unwrap_or(0),
+            c.get::<u32>("frames-in-flight").unwrap_or(0),
+            c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
+            c.get::<u64>("frames-sent").unwrap_or(0),
+            c.get::<u64>("frames-dropped").unwrap_or(0),
+            stats.get::<u32>("frames-held").unwrap_or(0),
+        ));
+    }
+}
+
 /// Makes frame n, and the caps to switch to before it, if any.
 type FrameGen = Box<dyn Fn(u64) -> Option<(gst::Buffer, Option<gst::Caps>)> + Send>;
 
@@ -380,9 +472,57 @@ fn app_source(
     height: u32,
     fps: i32,
     frames: u64,
+    pool_max: u32,
     returned: Arc<AtomicUsize>,
 ) -> (gst::Caps, FrameGen) {
     match source {
+        "pool" => {
+            // A GstBufferPool with exactly `pool_max` buffers, as v4l2src has:
+            // the next frame waits for a buffer to come back.
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Nv12, width, height)
+                .fps(gst::Fraction::new(fps, 1))
+                .build()
+                .unwrap();
+            let caps = info.to_caps().unwrap();
+            let backend: Arc<dyn bufshare_backends::MemoryBackend> =
+                Arc::new(bufshare_backends::memfd::MemfdBackend::new());
+            let pool = gstbufshare::pool::BackendBufferPool::configured(
+                backend,
+                Some(&caps),
+                info.size() as u32,
+                pool_max,
+                pool_max,
+            )
+            .expect("pool config");
+            pool.set_active(true).expect("pool activation");
+            let pool = pool.upcast::<gst::BufferPool>();
+            let params =
+                gst::BufferPoolAcquireParams::with_flags(gst::BufferPoolAcquireFlags::DONTWAIT);
+            let gen = move |n: u64| -> Option<(gst::Buffer, Option<gst::Caps>)> {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut buffer = loop {
+                    match pool.acquire_buffer(Some(&params)) {
+                        Ok(b) => break b,
+                        Err(gst::FlowError::Eos) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "upstream pool starved: no buffer of {pool_max} came back for 10 s ({e:?})"
+                            );
+                            std::process::exit(3);
+                        }
+                    }
+                };
+                {
+                    let mut map = buffer.get_mut().unwrap().map_writable().unwrap();
+                    let len = map.len().min(4096);
+                    fill(n, &mut map[..len]);
+                }
+                Some((buffer, None))
+            };
+            (caps, Box::new(gen))
+        }
         "slots" => {
             // A fixed set of memfds, each written through our own shared mapping
             // and reused only once every consumer let go of it, which we learn
@@ -562,6 +702,8 @@ fn consume(args: &Args) -> Result<(), String> {
     let socket = args.str("socket", "");
     let max_frames = args.num("max-frames", u64::MAX);
     let pipeline = gst::Pipeline::new();
+    let hold = args.num("hold", 0) as usize;
+    let mut held = std::collections::VecDeque::new();
     let src = gst::ElementFactory::make("bufsharesrc")
         .property("socket", &socket)
         .property("timeout", args.num("timeout", 5000))
@@ -599,6 +741,13 @@ fn consume(args: &Args) -> Result<(), String> {
                     .map(|(p, b)| (p + b).nseconds());
                 report.push(frame_line(buffer, clock));
                 count += 1;
+                if hold > 0 {
+                    // A greedy consumer: keep the last `hold` frames.
+                    held.push_back(sample);
+                    if held.len() > hold {
+                        held.pop_front();
+                    }
+                }
             }
             None => {
                 // An error comes with an EOS downstream: look at the bus first.
@@ -614,6 +763,7 @@ fn consume(args: &Args) -> Result<(), String> {
             }
         }
     };
+    drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(&args.str("report", "-"));
     result
@@ -625,6 +775,7 @@ fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let Some(mode) = argv.get(1) else { usage() };
     let args = Args::parse(&argv[2..]);
+    SUM_BYTES.store(args.num("sum-bytes", 0) as usize, Ordering::Relaxed);
     if args.str("socket", "").is_empty() {
         usage();
     }

@@ -27,6 +27,23 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
+/// A frame read this long after its time (beyond the producer's latency) was
+/// left in the socket while this process did not read (stopped, paused,
+/// starved of CPU): it is released unseen, so that after such a stall the
+/// consumer goes on with the producer's newest frames, not a backlog.
+const STALE_FRAME_AGE: Duration = Duration::from_secs(1);
+
+/// Whether a frame stamped `pts` (CLOCK_MONOTONIC ns on the wire) is stale now.
+fn is_stale(pts: u64, latency: u64) -> bool {
+    if pts == protocol::NONE {
+        return false;
+    }
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    now > pts
+        .saturating_add(latency)
+        .saturating_add(STALE_FRAME_AGE.as_nanos() as u64)
+}
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -294,13 +311,13 @@ impl PushSrcImpl for BufShareSrc {
         _buffer: Option<&mut gst::BufferRef>,
     ) -> Result<CreateSuccess, gst::FlowError> {
         loop {
-            let pending = {
+            let (pending, latency) = {
                 let mut stream = self.stream.lock().unwrap();
                 let pending = stream.pending_caps.take();
                 if let Some(caps) = &pending {
                     stream.caps = Some(caps.clone());
                 }
-                pending
+                (pending, stream.latency)
             };
             if let Some(caps) = pending {
                 gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
@@ -319,6 +336,16 @@ impl PushSrcImpl for BufShareSrc {
             let conn = connection.as_mut().ok_or(gst::FlowError::Flushing)?;
             let incoming = conn.next(None, &flushing, "waiting for frames");
             match incoming {
+                Ok(Incoming::Frame(buffer, frame)) if is_stale(frame.pts, latency) => {
+                    gst::debug!(
+                        CAT,
+                        imp = self,
+                        "frame {} waited in the socket for more than {:?}: releasing it unseen",
+                        frame.frame_id,
+                        STALE_FRAME_AGE
+                    );
+                    drop(buffer);
+                }
                 Ok(Incoming::Frame(mut buffer, frame)) => {
                     let time_map = self.time_map.lock().unwrap().get(self.obj().upcast_ref());
                     let running = |t: u64| -> Option<gst::ClockTime> {
