@@ -16,7 +16,9 @@
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=..`
 //! per frame (`wall`: CLOCK_MONOTONIC ns when the frame reached the sink or the appsink), for
-//! producers `summary pushed=.. returned=.. inodes=..`, and with `--stats-every` lines
+//! producers `summary pushed=.. returned=.. made=.. freed=.. inodes=..` (`slots` source:
+//! `returned` buffers came back before the pipeline stopped, `made` were created and `freed`
+//! came back in all, some never having reached the sink when the stream was ended early), and with `--stats-every` lines
 //! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
 //! `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
 //! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
@@ -214,6 +216,9 @@ fn produce(args: &Args) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let returned = Arc::new(AtomicUsize::new(0));
+    let made = Arc::new(AtomicUsize::new(0));
+    // Set when --eos-file appears: the app source stops making frames.
+    let stop_pushing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
     let head = match source.as_str() {
         "test" | "audio" => {
@@ -267,12 +272,17 @@ fn produce(args: &Args) -> Result<(), String> {
                 frames,
                 pool_max,
                 returned.clone(),
+                made.clone(),
             );
             appsrc.set_caps(Some(&caps));
             let src = appsrc.clone();
             let dur = gst::ClockTime::SECOND / fps as u64;
+            let stop = stop_pushing.clone();
             pusher = Some(Box::new(move || {
                 for n in 0..frames {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let Some((mut buffer, new_caps)) = gen(n) else {
                         break;
                     };
@@ -376,9 +386,11 @@ fn produce(args: &Args) -> Result<(), String> {
         None => None,
         Some(path) => {
             let (path, pipeline, on) = (path.clone(), pipeline.clone(), sampling.clone());
+            let stop = stop_pushing.clone();
             Some(std::thread::spawn(move || {
                 while on.load(Ordering::SeqCst) {
                     if std::path::Path::new(&path).exists() {
+                        stop.store(true, Ordering::SeqCst);
                         pipeline.send_event(gst::event::Eos::new());
                         return;
                     }
@@ -406,6 +418,7 @@ fn produce(args: &Args) -> Result<(), String> {
     let returned_before_stop = returned.load(Ordering::SeqCst);
     let stats = sink.property::<gst::Structure>("stats");
     pipeline.set_state(gst::State::Null).unwrap();
+    let freed = returned.load(Ordering::SeqCst);
     let pushed = report
         .lines
         .lock()
@@ -414,7 +427,8 @@ fn produce(args: &Args) -> Result<(), String> {
         .filter(|l| l.starts_with("frame "))
         .count();
     report.push(format!(
-        "summary pushed={pushed} returned={returned_before_stop} inodes={}",
+        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} inodes={}",
+        made.load(Ordering::SeqCst),
         inodes
             .lock()
             .unwrap()
@@ -474,6 +488,7 @@ fn app_source(
     frames: u64,
     pool_max: u32,
     returned: Arc<AtomicUsize>,
+    made: Arc<AtomicUsize>,
 ) -> (gst::Caps, FrameGen) {
     match source {
         "pool" => {
@@ -580,6 +595,7 @@ fn app_source(
                     std::thread::sleep(Duration::from_millis(1));
                 };
                 busy[slot].store(true, Ordering::SeqCst);
+                made.fetch_add(1, Ordering::SeqCst);
                 // SAFETY: the slot is free: no buffer, consumer or frame refers to it.
                 fill(n, unsafe {
                     std::slice::from_raw_parts_mut(maps[slot] as *mut u8, size)

@@ -130,7 +130,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecUInt::builder("max-held")
                     .nick("Max frames held by all consumers")
-                    .blurb("Distinct frames all consumers together may hold (each pins one upstream buffer). 0: when buffers come from an upstream pool with a fixed maximum (v4l2src), that maximum minus 2, otherwise no bound. Frames go to the consumers holding the fewest first; a consumer that already holds frames gets a new one only while that leaves one frame of the bound free, so the greediest consumers lose frames first and upstream never runs out of buffers.")
+                    .blurb("Distinct frames all consumers together may hold (each pins one upstream buffer). 0: when buffers come from an upstream pool with a fixed maximum (v4l2src), that maximum minus 2, otherwise no bound. A frame goes to no consumer if that would pin more than this. A consumer holding frames older than the 2 newest sent (a greedy one) gets a new frame only while 3 frames of the bound stay free for the consumers that keep up, so greedy consumers lose frames first and upstream never runs out of buffers.")
                     .default_value(DEFAULT_MAX_HELD)
                     .mutable_playing()
                     .build(),

@@ -18,11 +18,11 @@
 //!   unread in its socket and sends nothing for that long is disconnected,
 //!   which returns what it held;
 //! - a bound on the frames all consumers together hold (`max-held`, derived
-//!   from a fixed upstream pool by default). Frames are handed out to the
-//!   consumers that hold the fewest first, and a consumer that already holds
-//!   frames may only take one more while that leaves a frame of the bound
-//!   free, so the greediest consumers lose frames first and the upstream pool
-//!   never runs dry. See [`Server::send_frame`].
+//!   from a fixed upstream pool by default): a frame goes to nobody if that
+//!   would pin more distinct frames than the bound, so the upstream pool never
+//!   runs dry; and a consumer that holds frames older than the two newest
+//!   sent (a greedy one) gets a new frame only while three frames of the
+//!   bound stay free for the consumers that keep up. See [`Server::send_frame`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -38,6 +38,14 @@ use crate::transport::{Channel, Received};
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Under a `max-held` bound, a consumer that holds only frames among this many
+/// newest ones sent keeps up: a sink keeps its last sample until the next
+/// frame arrives, and a busy process may not have read that one yet.
+const RECENT_FRAMES: usize = 2;
+/// Room kept for consumers that keep up: their recent frames and the new one.
+/// A consumer holding older frames gets a new one only while this much of the
+/// bound stays free.
+const KEEPING_UP_RESERVE: usize = RECENT_FRAMES + 1;
 /// Control messages queued for a consumer that does not read; past this it is dropped.
 const MAX_QUEUED_MESSAGES: usize = 512;
 
@@ -273,6 +281,8 @@ struct State {
     client_timeout: Option<Duration>,
     frames_rendered: u64,
     held: HeldStats,
+    /// The [`RECENT_FRAMES`] newest frames sent to any consumer, oldest first.
+    recent_sent: VecDeque<u64>,
 }
 
 /// State shared with the memory-freed callback; has its own small lock so that
@@ -334,6 +344,7 @@ impl Server {
                 client_timeout,
                 frames_rendered: 0,
                 held: HeldStats::default(),
+                recent_sent: VecDeque::new(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -405,13 +416,16 @@ impl Server {
     ///
     /// A consumer is skipped for this frame (latest wins) when it holds
     /// `max_inflight` frames, when its socket is full, or when the bound on
-    /// frames held by all consumers together (`out.max_held`) says so:
-    /// consumers are served from the one holding the fewest frames to the one
-    /// holding the most; one that holds nothing may take the frame while the
-    /// distinct frames held stay within the bound, one that already holds
-    /// frames only while one frame of the bound stays free. So consumers that
-    /// keep up keep getting every frame while greedy ones are held back, and
-    /// upstream always has its buffers beyond the bound.
+    /// distinct frames held by all consumers together (`out.max_held`) says
+    /// so. Under the bound, consumers are served from the one holding the
+    /// fewest frames to the one holding the most. One that holds nothing, or
+    /// only frames among the [`RECENT_FRAMES`] newest sent (a sink keeps its
+    /// last sample until the next frame comes), may take the frame while the
+    /// distinct frames held stay within the bound; one that holds older frames
+    /// (a greedy one) only while [`KEEPING_UP_RESERVE`] frames of the bound
+    /// stay free. So greedy
+    /// consumers lose frames first, those that keep up keep getting them, and
+    /// upstream always keeps the buffers beyond the bound.
     pub fn send_frame(&self, out: Outgoing) {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
@@ -421,6 +435,7 @@ impl Server {
             (out.needs_release, &out.frame_bytes, out.frame_id);
         // Distinct frames held now (each pins one buffer), if they are bounded.
         let bound = out.max_held.filter(|_| needs_release);
+        // (Also the record of whether this frame went to anyone.)
         let mut held: HashSet<u64> = HashSet::new();
         if bound.is_some() {
             for c in &state.clients {
@@ -445,10 +460,14 @@ impl Server {
             }
             if let Some(bound) = bound {
                 let held_after = held.len() + usize::from(!held.contains(&frame_id));
-                let allowed = if client.inflight.is_empty() {
+                let keeping_up = client
+                    .inflight
+                    .keys()
+                    .all(|id| state.recent_sent.contains(id));
+                let allowed = if keeping_up {
                     bound
                 } else {
-                    bound.saturating_sub(1)
+                    bound.saturating_sub(KEEPING_UP_RESERVE)
                 };
                 if held_after > allowed {
                     client.frames_dropped += 1;
@@ -480,15 +499,19 @@ impl Server {
                         client.inflight.insert(frame_id, out.buffer.clone());
                         client.inflight_peak =
                             client.inflight_peak.max(client.inflight.len() as u32);
-                        if bound.is_some() {
-                            held.insert(frame_id);
-                        }
+                        held.insert(frame_id);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.frames_dropped += 1,
                 Err(e) => client.kill(format!("sending a frame failed: {e}"), false),
             }
             any_dead |= client.dead.is_some();
+        }
+        if needs_release && held.contains(&frame_id) {
+            if state.recent_sent.len() == RECENT_FRAMES {
+                state.recent_sent.pop_front();
+            }
+            state.recent_sent.push_back(frame_id);
         }
         if bound.is_some() {
             state.held.frames_held = held.len() as u32;

@@ -14,6 +14,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use super::receiver::{Connection, Incoming, ReceiveError};
+use super::stale::StaleFilter;
 use crate::clock::TimeMapCache;
 use crate::protocol;
 use crate::transport::unix::Waker;
@@ -27,24 +28,6 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
-/// A frame read this long after its time (beyond the producer's latency) was
-/// left in the socket while this process did not read (stopped, paused,
-/// starved of CPU): it is released unseen, so that after such a stall the
-/// consumer goes on with the producer's newest frames, not a backlog.
-const STALE_FRAME_AGE: Duration = Duration::from_secs(1);
-
-/// Whether a frame stamped `pts` (CLOCK_MONOTONIC ns on the wire) is stale now.
-fn is_stale(pts: u64, latency: u64) -> bool {
-    if pts == protocol::NONE {
-        return false;
-    }
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    now > pts
-        .saturating_add(latency)
-        .saturating_add(STALE_FRAME_AGE.as_nanos() as u64)
-}
-
 #[derive(Debug, Clone)]
 struct Settings {
     socket: Option<String>,
@@ -78,6 +61,8 @@ pub struct BufShareSrc {
     time_map: Mutex<TimeMapCache>,
     waker: Arc<Waker>,
     flushing: AtomicBool,
+    /// Frames left in the socket during a stall are released unseen.
+    stale: Mutex<StaleFilter>,
 }
 
 impl Default for BufShareSrc {
@@ -87,6 +72,7 @@ impl Default for BufShareSrc {
             connection: Mutex::new(None),
             stream: Mutex::new(Stream::default()),
             time_map: Mutex::new(TimeMapCache::default()),
+            stale: Mutex::new(StaleFilter::default()),
             waker: Arc::new(Waker::new().expect("eventfd")),
             flushing: AtomicBool::new(false),
         }
@@ -264,6 +250,7 @@ impl BaseSrcImpl for BufShareSrc {
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         *self.connection.lock().unwrap() = None;
         *self.stream.lock().unwrap() = Stream::default();
+        *self.stale.lock().unwrap() = StaleFilter::default();
         Ok(())
     }
 
@@ -311,13 +298,13 @@ impl PushSrcImpl for BufShareSrc {
         _buffer: Option<&mut gst::BufferRef>,
     ) -> Result<CreateSuccess, gst::FlowError> {
         loop {
-            let (pending, latency) = {
+            let pending = {
                 let mut stream = self.stream.lock().unwrap();
                 let pending = stream.pending_caps.take();
                 if let Some(caps) = &pending {
                     stream.caps = Some(caps.clone());
                 }
-                (pending, stream.latency)
+                pending
             };
             if let Some(caps) = pending {
                 gst::info!(CAT, imp = self, "producer changed caps to {}", caps);
@@ -336,13 +323,18 @@ impl PushSrcImpl for BufShareSrc {
             let conn = connection.as_mut().ok_or(gst::FlowError::Flushing)?;
             let incoming = conn.next(None, &flushing, "waiting for frames");
             match incoming {
-                Ok(Incoming::Frame(buffer, frame)) if is_stale(frame.pts, latency) => {
+                Ok(Incoming::Frame(buffer, frame))
+                    if self
+                        .stale
+                        .lock()
+                        .unwrap()
+                        .is_stale(frame.pts, frame.duration) =>
+                {
                     gst::debug!(
                         CAT,
                         imp = self,
-                        "frame {} waited in the socket for more than {:?}: releasing it unseen",
-                        frame.frame_id,
-                        STALE_FRAME_AGE
+                        "frame {} waited in the socket while we did not read: releasing it unseen",
+                        frame.frame_id
                     );
                     drop(buffer);
                 }
