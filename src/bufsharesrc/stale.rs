@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::protocol;
 
 /// How much later than the previous frame a frame may arrive before it counts as stale.
-pub const STALE_JUMP: Duration = Duration::from_secs(1);
+pub const STALE_JUMP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct StaleFilter {
