@@ -271,8 +271,10 @@ fn produce(args: &Args) -> Result<(), String> {
                 fps,
                 frames,
                 pool_max,
-                returned.clone(),
-                made.clone(),
+                BufferCounts {
+                    returned: returned.clone(),
+                    made: made.clone(),
+                },
             );
             appsrc.set_caps(Some(&caps));
             let src = appsrc.clone();
@@ -465,6 +467,12 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
     }
 }
 
+/// Buffers an app source made, and how many of them were freed (came back).
+struct BufferCounts {
+    returned: Arc<AtomicUsize>,
+    made: Arc<AtomicUsize>,
+}
+
 /// Makes frame n, and the caps to switch to before it, if any.
 type FrameGen = Box<dyn Fn(u64) -> Option<(gst::Buffer, Option<gst::Caps>)> + Send>;
 
@@ -487,9 +495,9 @@ fn app_source(
     fps: i32,
     frames: u64,
     pool_max: u32,
-    returned: Arc<AtomicUsize>,
-    made: Arc<AtomicUsize>,
+    counts: BufferCounts,
 ) -> (gst::Caps, FrameGen) {
+    let BufferCounts { returned, made } = counts;
     match source {
         "pool" => {
             // A GstBufferPool with exactly `pool_max` buffers, as v4l2src has:
