@@ -9,7 +9,7 @@
 //! bufshare-peer produce --socket S [--source test|slots|pool|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
 //!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
-//!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH]
+//!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--sum-bytes N]
 //! ```
@@ -20,7 +20,7 @@
 //! `returned` buffers came back before the pipeline stopped, `made` were created and `freed`
 //! came back in all, some never having reached the sink when the stream was ended early), and with `--stats-every` lines
 //! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
-//! `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
+//! `--source slots` cycles through `--slots` memfds (12 by default). `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
 //! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
 //! consumer keep the last N frames it received (a greedy consumer). `--eos-file P` ends the
 //! producer's stream (EOS) as soon as file P exists, for runs of unknown length. `--sum-bytes N` checksums only
@@ -270,10 +270,11 @@ fn produce(args: &Args) -> Result<(), String> {
                 height,
                 fps,
                 frames,
-                pool_max,
-                BufferCounts {
+                AppSourceOptions {
                     returned: returned.clone(),
                     made: made.clone(),
+                    pool_max,
+                    slots: args.num("slots", 12) as usize,
                 },
             );
             appsrc.set_caps(Some(&caps));
@@ -467,10 +468,14 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
     }
 }
 
-/// Buffers an app source made, and how many of them were freed (came back).
-struct BufferCounts {
+/// What the app sources count (buffers made, and freed: come back) and size.
+struct AppSourceOptions {
     returned: Arc<AtomicUsize>,
     made: Arc<AtomicUsize>,
+    /// Buffers in the `pool` source's pool.
+    pool_max: u32,
+    /// Memfds the `slots` source cycles through.
+    slots: usize,
 }
 
 /// Makes frame n, and the caps to switch to before it, if any.
@@ -494,10 +499,14 @@ fn app_source(
     height: u32,
     fps: i32,
     frames: u64,
-    pool_max: u32,
-    counts: BufferCounts,
+    options: AppSourceOptions,
 ) -> (gst::Caps, FrameGen) {
-    let BufferCounts { returned, made } = counts;
+    let AppSourceOptions {
+        returned,
+        made,
+        pool_max,
+        slots: slot_count,
+    } = options;
     match source {
         "pool" => {
             // A GstBufferPool with exactly `pool_max` buffers, as v4l2src has:
@@ -555,7 +564,7 @@ fn app_source(
                 .build()
                 .unwrap();
             let size = info.size();
-            let slots = 12usize;
+            let slots = slot_count;
             let alloc = gst_allocators::FdAllocator::new();
             let mut mems = Vec::new();
             let mut maps = Vec::new();
