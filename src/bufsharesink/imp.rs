@@ -124,7 +124,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecUInt::builder("client-timeout")
                     .nick("Stalled consumer timeout (ms)")
-                    .blurb("A consumer that leaves messages unread in its socket and sends nothing for this many milliseconds (a stopped, hung or blocked process) is disconnected with a warning naming its pid, and every frame it held goes back upstream. 0 never disconnects for this (a consumer that lets 512 control messages pile up is still dropped).")
+                    .blurb("A consumer that leaves messages unread in its socket and sends nothing for this many milliseconds (a stopped, hung or blocked process) is disconnected with a warning naming its pid, and every frame it held goes back upstream. A consumer that has not released a frame yet (still starting) gets at least 10 s. 0 never disconnects for this (a consumer that lets 512 control messages pile up is still dropped).")
                     .default_value(DEFAULT_CLIENT_TIMEOUT_MS)
                     .mutable_playing()
                     .build(),

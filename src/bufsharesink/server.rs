@@ -46,6 +46,10 @@ const RECENT_FRAMES: usize = 2;
 /// A consumer holding older frames gets a new one only while this much of the
 /// bound stays free.
 const KEEPING_UP_RESERVE: usize = RECENT_FRAMES + 1;
+/// A consumer that has not released a frame yet may still be starting its
+/// pipeline: it counts as stalled only after this long (or `client-timeout`,
+/// if longer).
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
 /// Control messages queued for a consumer that does not read; past this it is dropped.
 const MAX_QUEUED_MESSAGES: usize = 512;
 
@@ -143,6 +147,8 @@ struct Client {
     unread_since: Option<Instant>,
     /// When it last sent us anything.
     last_heard: Instant,
+    /// Whether it has released a frame yet (it is past its start).
+    released_any: bool,
     /// Set when the consumer must go; the I/O thread removes it.
     dead: Option<(String, bool)>,
 }
@@ -233,15 +239,25 @@ impl Client {
         }
         let since = *self.unread_since.get_or_insert(now);
         let quiet = now.saturating_duration_since(self.last_heard);
-        if now.saturating_duration_since(since) > timeout && quiet > timeout {
+        let limit = if self.released_any {
+            timeout
+        } else {
+            timeout.max(STARTUP_GRACE)
+        };
+        if now.saturating_duration_since(since) > limit && quiet > limit {
             let pid = self
                 .pid
                 .map_or_else(|| "unknown".to_string(), |p| p.to_string());
             self.kill(
                 format!(
-                    "consumer pid {pid} stalled: it left {unread} bytes unread in its socket and sent nothing for {} ms (client-timeout {} ms); returning the {} frames it held",
+                    "consumer pid {pid} stalled: it left {unread} bytes unread in its socket and sent nothing for {} ms (client-timeout {} ms{}); returning the {} frames it held",
                     quiet.as_millis(),
                     timeout.as_millis(),
+                    if self.released_any {
+                        ""
+                    } else {
+                        ", at least 10 s before its first release"
+                    },
                     self.inflight.len()
                 ),
                 true,
@@ -720,6 +736,7 @@ fn service(
                         inflight_peak: 0,
                         unread_since: None,
                         last_heard: Instant::now(),
+                        released_any: false,
                         dead: None,
                     };
                     client.send_control(&hello(), None);
@@ -831,6 +848,7 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                 }
             }
             (Phase::Active, Message::Release { frame_ids }) => {
+                client.released_any = true;
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(
