@@ -6,26 +6,40 @@
 //! of memory, and (producer `slots` source) how many pushed buffers came back.
 //!
 //! ```text
-//! bufshare-peer produce --socket S [--source test|slots|rgba-padded|tensors|text|audio|caps-change]
+//! bufshare-peer produce --socket S [--source test|slots|pool|rgba-padded|tensors|text|audio|caps-change]
 //!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
 //!                       [--backend auto|memfd|dma-heap|drm|v4l2] [--heap NAME|PATH] [--device PATH]
-//! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS]
-//!                       [--on-disconnect error|eos|reconnect] [--reconnect-interval MS] [--hold N]
+//!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
+//!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
+//!                       [--frame-lines 0|1]
+//! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
+//!                       [--on-disconnect error|eos|reconnect] [--reconnect-interval MS] [--sum-bytes N]
 //! ```
 //!
-//! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=..`
-//! per frame, and for producers `summary pushed=.. returned=.. inodes=..`. Consumers add
-//! `at=` (CLOCK_MONOTONIC ns when the frame was pulled) to each frame line, a `warning <text>`
-//! line per warning the pipeline posted, and end with `summary reconnects=..`. `--hold N`
-//! keeps the last N frames referenced (released as newer ones arrive), like a consumer
-//! with a queue, so frames of a producer that went away are still alive after a reconnect.
+//! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=.. fd=..`
+//! per frame (`wall`: CLOCK_MONOTONIC ns when the frame reached the sink or the appsink; `fd`: the
+//! fd number of the memory in this process, -1 if none).
+//!
+//! Producers end with `summary pushed=.. returned=.. made=.. freed=.. inodes=..` (`slots` source:
+//! `returned` buffers came back before the pipeline stopped, `made` were created and `freed`
+//! came back in all, some never having reached the sink when the stream was ended early), and with `--stats-every` lines
+//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
+//! `--frame-lines 0` makes a producer keep no line per frame (its memory stays flat in long
+//! runs; `summary pushed=` still counts them). `--source slots` cycles through `--slots` memfds (12 by default). `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
+//! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
+//! consumer keep the last N frames it received (a greedy consumer). `--eos-file P` ends the
+//! producer's stream (EOS) as soon as file P exists, for runs of unknown length. `--sum-bytes N` checksums only
+//! the first N bytes of each frame (0, the default: all of it), for big frames in debug builds.
+//!
+//! Consumers add `at=` (CLOCK_MONOTONIC ns when the frame was pulled) to each frame line, a
+//! `warning <text>` line per warning the pipeline posted, and end with `summary reconnects=..`.
+//! With `--hold N` frames of a producer that went away are still alive after a reconnect.
 //! Producers also report `backend <name in use>` and `stats <the sink's stats>`.
 //!
 //! Hardware tests (hwtests/) also use: `produce --source pipeline --pipeline "v4l2src ... ! caps"`,
 //! which feeds bufsharesink from a gst-launch style description (the free src pad of its last
 //! element), and `consume --pipeline "v4l2fwhtenc ... ! filesink ..."`, which ends the consumer in
 //! that description instead of an appsink (frames are then recorded on bufsharesrc's src pad).
-//! Frame lines end with `fd=..`: the fd number of the memory in this process (-1 if none).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -74,11 +88,24 @@ impl Args {
     }
 }
 
+/// How many bytes of each frame to checksum (0: all), from `--sum-bytes`.
+static SUM_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// CLOCK_MONOTONIC now, in ns (the clock GStreamer's system clock and the wire use).
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// FNV-1a over the buffer's bytes.
 fn checksum(buffer: &gst::BufferRef) -> u64 {
     let map = buffer.map_readable().expect("readable buffer");
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in map.iter() {
+    let limit = match SUM_BYTES.load(Ordering::Relaxed) {
+        0 => map.len(),
+        n => n.min(map.len()),
+    };
+    for b in map[..limit].iter() {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -134,7 +161,7 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         })
         .unwrap_or_else(|| "-".into());
     format!(
-        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={} fd={}",
+        "frame offset={} sum={:016x} size={} ino={} kind={} ro={} strides={} clock={} wall={} fd={}",
         buffer.offset(),
         checksum(buffer),
         buffer.size(),
@@ -143,6 +170,7 @@ fn frame_line(buffer: &gst::BufferRef, clock: Option<u64>) -> String {
         ro as u8,
         strides,
         clock.map_or("-".into(), |c| c.to_string()),
+        monotonic_ns(),
         memory_fd(buffer)
     )
 }
@@ -211,6 +239,8 @@ fn produce(args: &Args) -> Result<(), String> {
     let sink = gst::ElementFactory::make("bufsharesink")
         .property("socket", &socket)
         .property("max-inflight", args.num("max-inflight", 8) as u32)
+        .property("max-held", args.num("max-held", 0) as u32)
+        .property("client-timeout", args.num("client-timeout", 3000) as u32)
         .build()
         .map_err(|e| e.to_string())?;
     // Memory backend options map to the sink's properties of the same names.
@@ -220,6 +250,9 @@ fn produce(args: &Args) -> Result<(), String> {
         }
     }
     let returned = Arc::new(AtomicUsize::new(0));
+    let made = Arc::new(AtomicUsize::new(0));
+    // Set when --eos-file appears: the app source stops making frames.
+    let stop_pushing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut pusher: Option<Box<dyn FnOnce() + Send>> = None;
     let head = match source.as_str() {
         "pipeline" => {
@@ -270,12 +303,29 @@ fn produce(args: &Args) -> Result<(), String> {
                 .is_live(true)
                 .format(gst::Format::Time)
                 .build();
-            let (caps, gen) = app_source(&source, width, height, fps, frames, returned.clone());
+            let pool_max = args.num("pool-max", 4) as u32;
+            let (caps, gen) = app_source(
+                &source,
+                width,
+                height,
+                fps,
+                frames,
+                AppSourceOptions {
+                    returned: returned.clone(),
+                    made: made.clone(),
+                    pool_max,
+                    slots: args.num("slots", 12) as usize,
+                },
+            );
             appsrc.set_caps(Some(&caps));
             let src = appsrc.clone();
             let dur = gst::ClockTime::SECOND / fps as u64;
+            let stop = stop_pushing.clone();
             pusher = Some(Box::new(move || {
                 for n in 0..frames {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let Some((mut buffer, new_caps)) = gen(n) else {
                         break;
                     };
@@ -306,6 +356,11 @@ fn produce(args: &Args) -> Result<(), String> {
     head.link(&sink).map_err(|e| e.to_string())?;
 
     let rep = report.clone();
+    // Long runs (the soak test) measure this process's memory: `--frame-lines 0`
+    // keeps no line per frame, only the count.
+    let frame_lines = args.num("frame-lines", 1) != 0;
+    let rendered_count = Arc::new(AtomicUsize::new(0));
+    let rendered = rendered_count.clone();
     let inodes = Arc::new(Mutex::new(BTreeSet::new()));
     let inos = inodes.clone();
     let last_caps = Arc::new(Mutex::new(None::<String>));
@@ -331,7 +386,10 @@ fn produce(args: &Args) -> Result<(), String> {
                     let rt = seg.to_running_time(buffer.pts()?)?;
                     Some((rt + sink_weak.upgrade()?.base_time()?).nseconds())
                 });
-                rep.push(frame_line(buffer, clock));
+                rendered.fetch_add(1, Ordering::SeqCst);
+                if frame_lines {
+                    rep.push(frame_line(buffer, clock));
+                }
             }
             gst::PadProbeReturn::Ok
         });
@@ -362,8 +420,44 @@ fn produce(args: &Args) -> Result<(), String> {
         .set_state(gst::State::Playing)
         .map_err(|_| "cannot play".to_string())?;
     let pusher_thread = pusher.map(std::thread::spawn);
-    let result = run_to_eos(&pipeline, Duration::from_secs(120));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = match args.num("stats-every", 0) {
+        0 => None,
+        ms => {
+            let (sink, rep, on) = (sink.clone(), report.clone(), sampling.clone());
+            Some(std::thread::spawn(move || {
+                while on.load(Ordering::SeqCst) {
+                    sample_stats(&sink, &rep);
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }))
+        }
+    };
+    let eos_watch = match args.0.get("eos-file") {
+        None => None,
+        Some(path) => {
+            let (path, pipeline, on) = (path.clone(), pipeline.clone(), sampling.clone());
+            let stop = stop_pushing.clone();
+            Some(std::thread::spawn(move || {
+                while on.load(Ordering::SeqCst) {
+                    if std::path::Path::new(&path).exists() {
+                        stop.store(true, Ordering::SeqCst);
+                        pipeline.send_event(gst::event::Eos::new());
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }))
+        }
+    };
+    // Long enough for the longest run the tests ask for (the soak test's duration comes with --frames).
+    let limit = Duration::from_secs(120 + 2 * frames / fps.max(1) as u64);
+    let result = run_to_eos(&pipeline, limit);
     if let Some(t) = pusher_thread {
+        let _ = t.join();
+    }
+    sampling.store(false, Ordering::SeqCst);
+    for t in [sampler, eos_watch].into_iter().flatten() {
         let _ = t.join();
     }
     // Consumers finish and leave after EOS; what they held comes back then.
@@ -375,15 +469,11 @@ fn produce(args: &Args) -> Result<(), String> {
     let returned_before_stop = returned.load(Ordering::SeqCst);
     let stats = sink.property::<gst::Structure>("stats");
     pipeline.set_state(gst::State::Null).unwrap();
-    let pushed = report
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("frame "))
-        .count();
+    let freed = returned.load(Ordering::SeqCst);
+    let pushed = rendered_count.load(Ordering::SeqCst);
     report.push(format!(
-        "summary pushed={pushed} returned={returned_before_stop} inodes={}",
+        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} inodes={}",
+        made.load(Ordering::SeqCst),
         inodes
             .lock()
             .unwrap()
@@ -399,6 +489,39 @@ fn produce(args: &Args) -> Result<(), String> {
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
     result
+}
+
+/// One `client ...` report line per consumer, from the sink's stats.
+fn sample_stats(sink: &gst::Element, report: &Report) {
+    let stats = sink.property::<gst::Structure>("stats");
+    let wall = monotonic_ns();
+    let Ok(clients) = stats.get::<gst::Array>("clients") else {
+        return;
+    };
+    for c in clients.iter() {
+        let Ok(c) = c.get::<gst::Structure>() else {
+            continue;
+        };
+        report.push(format!(
+            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={}",
+            c.get::<i32>("pid").unwrap_or(0),
+            c.get::<u32>("frames-in-flight").unwrap_or(0),
+            c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
+            c.get::<u64>("frames-sent").unwrap_or(0),
+            c.get::<u64>("frames-dropped").unwrap_or(0),
+            stats.get::<u32>("frames-held").unwrap_or(0),
+        ));
+    }
+}
+
+/// What the app sources count (buffers made, and freed: come back) and size.
+struct AppSourceOptions {
+    returned: Arc<AtomicUsize>,
+    made: Arc<AtomicUsize>,
+    /// Buffers in the `pool` source's pool.
+    pool_max: u32,
+    /// Memfds the `slots` source cycles through.
+    slots: usize,
 }
 
 /// Makes frame n, and the caps to switch to before it, if any.
@@ -422,9 +545,62 @@ fn app_source(
     height: u32,
     fps: i32,
     frames: u64,
-    returned: Arc<AtomicUsize>,
+    options: AppSourceOptions,
 ) -> (gst::Caps, FrameGen) {
+    let AppSourceOptions {
+        returned,
+        made,
+        pool_max,
+        slots: slot_count,
+    } = options;
     match source {
+        "pool" => {
+            // A GstBufferPool with exactly `pool_max` buffers, as v4l2src has:
+            // the next frame waits for a buffer to come back.
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Nv12, width, height)
+                .fps(gst::Fraction::new(fps, 1))
+                .build()
+                .unwrap();
+            let caps = info.to_caps().unwrap();
+            let backend: Arc<dyn bufshare_backends::MemoryBackend> =
+                Arc::new(bufshare_backends::memfd::MemfdBackend::new());
+            let pool = gstbufshare::pool::BackendBufferPool::configured(
+                backend,
+                Some(&caps),
+                info.size() as u32,
+                pool_max,
+                pool_max,
+            )
+            .expect("pool config");
+            pool.set_active(true).expect("pool activation");
+            let pool = pool.upcast::<gst::BufferPool>();
+            let params =
+                gst::BufferPoolAcquireParams::with_flags(gst::BufferPoolAcquireFlags::DONTWAIT);
+            let gen = move |n: u64| -> Option<(gst::Buffer, Option<gst::Caps>)> {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut buffer = loop {
+                    match pool.acquire_buffer(Some(&params)) {
+                        Ok(b) => break b,
+                        Err(gst::FlowError::Eos) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "upstream pool starved: no buffer of {pool_max} came back for 10 s ({e:?})"
+                            );
+                            std::process::exit(3);
+                        }
+                    }
+                };
+                {
+                    let mut map = buffer.get_mut().unwrap().map_writable().unwrap();
+                    let len = map.len().min(4096);
+                    fill(n, &mut map[..len]);
+                }
+                Some((buffer, None))
+            };
+            (caps, Box::new(gen))
+        }
         "slots" => {
             // A fixed set of memfds, each written through our own shared mapping
             // and reused only once every consumer let go of it, which we learn
@@ -434,7 +610,7 @@ fn app_source(
                 .build()
                 .unwrap();
             let size = info.size();
-            let slots = 12usize;
+            let slots = slot_count;
             let alloc = gst_allocators::FdAllocator::new();
             let mut mems = Vec::new();
             let mut maps = Vec::new();
@@ -487,6 +663,7 @@ fn app_source(
                     std::thread::sleep(Duration::from_millis(1));
                 };
                 busy[slot].store(true, Ordering::SeqCst);
+                made.fetch_add(1, Ordering::SeqCst);
                 // SAFETY: the slot is free: no buffer, consumer or frame refers to it.
                 fill(n, unsafe {
                     std::slice::from_raw_parts_mut(maps[slot] as *mut u8, size)
@@ -676,6 +853,7 @@ fn consume(args: &Args) -> Result<(), String> {
                 report.push(format!("{} at={at}", frame_line(buffer, clock)));
                 count += 1;
                 if hold > 0 {
+                    // A greedy consumer: keep the last `hold` frames.
                     held.push_back(sample.clone());
                     if held.len() > hold {
                         held.pop_front();
@@ -760,6 +938,7 @@ fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let Some(mode) = argv.get(1) else { usage() };
     let args = Args::parse(&argv[2..]);
+    SUM_BYTES.store(args.num("sum-bytes", 0) as usize, Ordering::Relaxed);
     if args.str("socket", "").is_empty() {
         usage();
     }

@@ -29,6 +29,12 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_MAX_INFLIGHT: u32 = 8;
+const DEFAULT_CLIENT_TIMEOUT_MS: u32 = 3000;
+/// 0: derive the bound from a fixed upstream pool.
+const DEFAULT_MAX_HELD: u32 = 0;
+/// Buffers of a fixed upstream pool kept out of the consumers' reach: one
+/// being filled and one spare (a V4L2 driver needs a queued buffer to capture).
+const POOL_BUFFERS_KEPT_FREE: u32 = 2;
 const DEFAULT_INLINE_THRESHOLD: u32 = 4096;
 /// Inline payloads must leave room for the frame header in one datagram.
 const MAX_INLINE_THRESHOLD: u32 = 32 * 1024;
@@ -46,6 +52,8 @@ struct Settings {
     backend: BackendKind,
     heap: String,
     device: Option<String>,
+    client_timeout_ms: u32,
+    max_held: u32,
 }
 
 impl Default for Settings {
@@ -60,6 +68,8 @@ impl Default for Settings {
             backend: BackendKind::default(),
             heap: backend::default_heap().to_string(),
             device: None,
+            client_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
+            max_held: DEFAULT_MAX_HELD,
         }
     }
 }
@@ -164,6 +174,18 @@ impl ObjectImpl for BufShareSink {
                     .blurb("drm/v4l2 backends: device path (/dev/dri/cardN, /dev/videoN). Unset: drm uses the first /dev/dri/card* that creates and exports dumb buffers; v4l2 the first mem2mem /dev/video* whose OUTPUT queue takes the caps' format")
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("client-timeout")
+                    .nick("Stalled consumer timeout (ms)")
+                    .blurb("A consumer that leaves messages unread in its socket and sends nothing for this many milliseconds (a stopped, hung or blocked process) is disconnected with a warning naming its pid, and every frame it held goes back upstream. A consumer that has not released a frame yet (still starting) gets at least 10 s. 0 never disconnects for this (a consumer that lets 512 control messages pile up is still dropped).")
+                    .default_value(DEFAULT_CLIENT_TIMEOUT_MS)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-held")
+                    .nick("Max frames held by all consumers")
+                    .blurb("Distinct frames all consumers together may hold (each pins one upstream buffer). 0: when buffers come from an upstream pool with a fixed maximum (v4l2src), that maximum minus 2, otherwise no bound. A frame goes to no consumer if that would pin more than this. A consumer holding frames older than the 2 newest sent (a greedy one) gets a new frame only while 3 frames of the bound stay free for the consumers that keep up, so greedy consumers lose frames first and upstream never runs out of buffers.")
+                    .default_value(DEFAULT_MAX_HELD)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecUInt::builder("num-clients")
                     .nick("Number of consumers")
                     .blurb("Consumers connected and past the handshake")
@@ -171,7 +193,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-in-flight, memories-registered")
+                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered")
                     .read_only()
                     .build(),
             ]
@@ -228,6 +250,13 @@ impl ObjectImpl for BufShareSink {
                     .expect("type checked upstream")
                     .filter(|d| !d.is_empty())
             }
+            "client-timeout" => {
+                s.client_timeout_ms = value.get().expect("type checked upstream");
+                if let Some(server) = &self.state.lock().unwrap().server {
+                    server.set_client_timeout(client_timeout(s.client_timeout_ms));
+                }
+            }
+            "max-held" => s.max_held = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -243,6 +272,8 @@ impl ObjectImpl for BufShareSink {
             "backend" => self.settings.lock().unwrap().backend.to_value(),
             "heap" => self.settings.lock().unwrap().heap.to_value(),
             "device" => self.settings.lock().unwrap().device.to_value(),
+            "client-timeout" => self.settings.lock().unwrap().client_timeout_ms.to_value(),
+            "max-held" => self.settings.lock().unwrap().max_held.to_value(),
             "num-clients" => {
                 let state = self.state.lock().unwrap();
                 (state.server.as_ref().map_or(0, |s| s.num_clients()) as u32).to_value()
@@ -285,6 +316,28 @@ impl ElementImpl for BufShareSink {
         });
         TEMPLATES.as_ref()
     }
+}
+
+fn client_timeout(ms: u32) -> Option<std::time::Duration> {
+    (ms > 0).then(|| std::time::Duration::from_millis(ms.into()))
+}
+
+/// The bound on distinct frames all consumers hold: `max-held` if set, else
+/// from the pool `buffer` came from when that pool has a fixed maximum.
+fn held_bound(max_held: u32, buffer: &gst::BufferRef) -> Option<usize> {
+    if max_held > 0 {
+        return Some(max_held as usize);
+    }
+    // SAFETY: reading the pool field of a live buffer; a buffer acquired from
+    // a pool keeps a reference to it until it goes back.
+    let pool_ptr = unsafe { (*buffer.as_ptr()).pool };
+    if pool_ptr.is_null() {
+        return None;
+    }
+    // SAFETY: a valid pool pointer, see above; from_glib_none takes a reference.
+    let pool: gst::BufferPool = unsafe { glib::translate::from_glib_none(pool_ptr) };
+    let (_, _, _, max) = pool.config().params()?;
+    (max > 0).then(|| max.saturating_sub(POOL_BUFFERS_KEPT_FREE).max(1) as usize)
 }
 
 /// Checks the socket's directory before binding, for errors that say what is wrong.
@@ -338,11 +391,16 @@ impl BaseSinkImpl for BufShareSink {
             gid: u32::try_from(settings.allowed_gid).ok(),
         });
         let weak = self.obj().downgrade();
-        let server = Server::start(listener, settings.max_inflight as usize, move |events| {
-            if let Some(obj) = weak.upgrade() {
-                obj.imp().report(events);
-            }
-        })
+        let server = Server::start(
+            listener,
+            settings.max_inflight as usize,
+            client_timeout(settings.client_timeout_ms),
+            move |events| {
+                if let Some(obj) = weak.upgrade() {
+                    obj.imp().report(events);
+                }
+            },
+        )
         .map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::OpenWrite,
@@ -462,9 +520,13 @@ impl BaseSinkImpl for BufShareSink {
     }
 
     fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let inline_threshold = self.settings.lock().unwrap().inline_threshold as usize;
+        let (inline_threshold, max_held) = {
+            let s = self.settings.lock().unwrap();
+            (s.inline_threshold as usize, s.max_held)
+        };
         let mut state = self.state.lock().unwrap();
-        let out = self.prepare(&mut state, buffer, inline_threshold)?;
+        let mut out = self.prepare(&mut state, buffer, inline_threshold)?;
+        out.max_held = held_bound(max_held, &out.buffer);
         let Some(server) = &state.server else {
             return Err(gst::FlowError::Flushing);
         };
@@ -592,6 +654,7 @@ impl BufShareSink {
             needs_release: frame.needs_release(),
             frame_bytes,
             memories,
+            max_held: None,
         })
     }
 
@@ -867,9 +930,9 @@ impl BufShareSink {
 
     fn stats(&self) -> gst::Structure {
         let state = self.state.lock().unwrap();
-        let (clients, rendered) = match &state.server {
-            Some(s) => (s.client_stats(), s.frames_rendered()),
-            None => (Vec::new(), 0),
+        let (clients, rendered, held) = match &state.server {
+            Some(s) => (s.client_stats(), s.frames_rendered(), s.held_stats()),
+            None => (Vec::new(), 0, Default::default()),
         };
         let per_client: Vec<glib::SendValue> = clients
             .iter()
@@ -879,7 +942,9 @@ impl BufShareSink {
                     .field("pid", c.pid.unwrap_or(0))
                     .field("frames-sent", c.frames_sent)
                     .field("frames-dropped", c.frames_dropped)
+                    .field("frames-dropped-held", c.frames_dropped_held)
                     .field("frames-in-flight", c.frames_in_flight)
+                    .field("frames-in-flight-peak", c.frames_in_flight_peak)
                     .field("memories-registered", c.memories_registered)
                     .build()
                     .to_send_value()
@@ -898,6 +963,10 @@ impl BufShareSink {
             .field("num-clients", clients.len() as u32)
             .field("frames-rendered", rendered)
             .field("frames-copied", state.frames_copied)
+            .field("max-held", held.max_held)
+            .field("frames-held", held.frames_held)
+            .field("frames-held-peak", held.frames_held_peak)
+            .field("clients-timed-out", held.clients_timed_out)
             .field("clients", gst::Array::from_values(per_client))
             .build()
     }

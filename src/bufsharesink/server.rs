@@ -12,6 +12,17 @@
 //! A consumer's frames are held (a `gst::Buffer` reference each) until it
 //! releases them or goes away, so upstream pool buffers come back exactly
 //! when no consumer needs them any more.
+//!
+//! Two limits protect the producer from its consumers:
+//! - a stall timeout (`client-timeout`): a consumer that leaves messages
+//!   unread in its socket and sends nothing for that long is disconnected,
+//!   which returns what it held;
+//! - a bound on the frames all consumers together hold (`max-held`, derived
+//!   from a fixed upstream pool by default): a frame goes to nobody if that
+//!   would pin more distinct frames than the bound, so the upstream pool never
+//!   runs dry; and a consumer that holds frames older than the two newest
+//!   sent (a greedy one) gets a new frame only while three frames of the
+//!   bound stay free for the consumers that keep up. See [`Server::send_frame`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -27,6 +38,18 @@ use crate::transport::{Channel, Received};
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Under a `max-held` bound, a consumer that holds only frames among this many
+/// newest ones sent keeps up: a sink keeps its last sample until the next
+/// frame arrives, and a busy process may not have read that one yet.
+const RECENT_FRAMES: usize = 2;
+/// Room kept for consumers that keep up: their recent frames and the new one.
+/// A consumer holding older frames gets a new one only while this much of the
+/// bound stays free.
+const KEEPING_UP_RESERVE: usize = RECENT_FRAMES + 1;
+/// A consumer that has not released a frame yet may still be starting its
+/// pipeline: it counts as stalled only after this long (or `client-timeout`,
+/// if longer).
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
 /// Control messages queued for a consumer that does not read; past this it is dropped.
 const MAX_QUEUED_MESSAGES: usize = 512;
 
@@ -52,6 +75,9 @@ pub struct Outgoing {
     /// Whether consumers hold the frame until RELEASE (it names registered memory).
     pub needs_release: bool,
     pub memories: Vec<SharedMemory>,
+    /// At most this many distinct frames may be held by all consumers
+    /// together after this one is sent; None: no bound.
+    pub max_held: Option<usize>,
 }
 
 /// Things that happened, for the element to report outside the lock.
@@ -76,7 +102,24 @@ pub struct ClientStats {
     pub frames_sent: u64,
     pub frames_dropped: u64,
     pub frames_in_flight: u32,
+    /// The most frames it held at once.
+    pub frames_in_flight_peak: u32,
+    /// Frames skipped for it because of the bound on frames all consumers hold.
+    pub frames_dropped_held: u64,
     pub memories_registered: u64,
+}
+
+/// Counters of the bound on frames held by all consumers together.
+#[derive(Debug, Clone, Default)]
+pub struct HeldStats {
+    /// The bound used for the last frame (0: none).
+    pub max_held: u32,
+    /// Distinct frames held by consumers now.
+    pub frames_held: u32,
+    /// The most distinct frames consumers held at once.
+    pub frames_held_peak: u32,
+    /// Consumers disconnected by the stall timeout.
+    pub clients_timed_out: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -98,6 +141,14 @@ struct Client {
     queued: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     frames_sent: u64,
     frames_dropped: u64,
+    frames_dropped_held: u64,
+    inflight_peak: u32,
+    /// Since when messages sent to it have stayed unread (stall detection).
+    unread_since: Option<Instant>,
+    /// When it last sent us anything.
+    last_heard: Instant,
+    /// Whether it has released a frame yet (it is past its start).
+    released_any: bool,
     /// Set when the consumer must go; the I/O thread removes it.
     dead: Option<(String, bool)>,
     /// Refused by the access policy: sent REFUSE, waits for the peer's HELLO
@@ -172,9 +223,65 @@ impl Client {
             frames_sent: self.frames_sent,
             frames_dropped: self.frames_dropped,
             frames_in_flight: self.inflight.len() as u32,
+            frames_in_flight_peak: self.inflight_peak,
+            frames_dropped_held: self.frames_dropped_held,
             memories_registered: self.registered.len() as u64,
         }
     }
+
+    /// Whether it has left messages unread and said nothing for longer than
+    /// `timeout`; checked by the I/O thread. True when it is dropped for it.
+    fn check_stall(&mut self, timeout: Duration, now: Instant) -> bool {
+        if self.phase != Phase::Active || self.dead.is_some() {
+            return false;
+        }
+        let Ok(unread) = unread_bytes(self.channel.raw_fd()) else {
+            return false;
+        };
+        if unread == 0 {
+            self.unread_since = None;
+            return false;
+        }
+        let since = *self.unread_since.get_or_insert(now);
+        let quiet = now.saturating_duration_since(self.last_heard);
+        let limit = if self.released_any {
+            timeout
+        } else {
+            timeout.max(STARTUP_GRACE)
+        };
+        if now.saturating_duration_since(since) > limit && quiet > limit {
+            let pid = self
+                .pid
+                .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+            self.kill(
+                format!(
+                    "consumer pid {pid} stalled: it left {unread} bytes unread in its socket and sent nothing for {} ms (client-timeout {} ms{}); returning the {} frames it held",
+                    quiet.as_millis(),
+                    timeout.as_millis(),
+                    if self.released_any {
+                        ""
+                    } else {
+                        ", at least 10 s before its first release"
+                    },
+                    self.inflight.len()
+                ),
+                true,
+            );
+            return true;
+        }
+        false
+    }
+}
+
+/// Bytes sent on a socket that its peer has not read yet (SIOCOUTQ).
+fn unread_bytes(fd: RawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) on a socket fd we own writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
 }
 
 /// What the sink knows about the stream, sent to every consumer that joins.
@@ -191,10 +298,15 @@ struct State {
     next_client_id: u64,
     stream: StreamState,
     max_inflight: usize,
+    /// A consumer that stalls this long is disconnected; None: never.
+    client_timeout: Option<Duration>,
     frames_rendered: u64,
     /// Read-only reopens of memfd memories, sent to consumers instead of the
     /// producer's writable fd; one per memory, closed when it is forgotten.
     read_only_fds: HashMap<u64, OwnedFd>,
+    held: HeldStats,
+    /// The [`RECENT_FRAMES`] newest frames sent to any consumer, oldest first.
+    recent_sent: VecDeque<u64>,
 }
 
 /// State shared with the memory-freed callback; has its own small lock so that
@@ -243,6 +355,7 @@ impl Server {
     pub fn start(
         listener: Listener,
         max_inflight: usize,
+        client_timeout: Option<Duration>,
         events: impl Fn(Vec<Event>) + Send + Sync + 'static,
     ) -> std::io::Result<Server> {
         let shared = Arc::new(Shared {
@@ -252,8 +365,11 @@ impl Server {
                 next_client_id: 1,
                 stream: StreamState::default(),
                 max_inflight,
+                client_timeout,
                 frames_rendered: 0,
                 read_only_fds: HashMap::new(),
+                held: HeldStats::default(),
+                recent_sent: VecDeque::new(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -284,6 +400,11 @@ impl Server {
 
     pub fn set_max_inflight(&self, max: usize) {
         lock(&self.shared.state).max_inflight = max.max(1);
+    }
+
+    pub fn set_client_timeout(&self, timeout: Option<Duration>) {
+        lock(&self.shared.state).client_timeout = timeout;
+        self.shared.waker.wake();
     }
 
     /// New caps (or a new latency): every active consumer gets CAPS now,
@@ -317,6 +438,19 @@ impl Server {
     }
 
     /// Fans `out` out to every active consumer that has room. Never blocks.
+    ///
+    /// A consumer is skipped for this frame (latest wins) when it holds
+    /// `max_inflight` frames, when its socket is full, or when the bound on
+    /// distinct frames held by all consumers together (`out.max_held`) says
+    /// so. Under the bound, consumers are served from the one holding the
+    /// fewest frames to the one holding the most. One that holds nothing, or
+    /// only frames among the [`RECENT_FRAMES`] newest sent (a sink keeps its
+    /// last sample until the next frame comes), may take the frame while the
+    /// distinct frames held stay within the bound; one that holds older frames
+    /// (a greedy one) only while [`KEEPING_UP_RESERVE`] frames of the bound
+    /// stay free. So greedy
+    /// consumers lose frames first, those that keep up keep getting them, and
+    /// upstream always keeps the buffers beyond the bound.
     pub fn send_frame(&self, out: Outgoing) {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
@@ -324,8 +458,21 @@ impl Server {
         forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
         let (needs_release, frame_bytes, frame_id) =
             (out.needs_release, &out.frame_bytes, out.frame_id);
+        // Distinct frames held now (each pins one buffer), if they are bounded.
+        let bound = out.max_held.filter(|_| needs_release);
+        // (Also the record of whether this frame went to anyone.)
+        let mut held: HashSet<u64> = HashSet::new();
+        if bound.is_some() {
+            for c in &state.clients {
+                held.extend(c.inflight.keys().copied());
+            }
+        }
+        state.held.max_held = bound.map_or(0, |b| b as u32);
+        let mut order: Vec<usize> = (0..state.clients.len()).collect();
+        order.sort_by_key(|&i| state.clients[i].inflight.len());
         let mut any_dead = false;
-        for client in state.clients.iter_mut() {
+        for i in order {
+            let client = &mut state.clients[i];
             if client.phase != Phase::Active || client.dead.is_some() {
                 continue;
             }
@@ -335,6 +482,23 @@ impl Server {
             {
                 client.frames_dropped += 1;
                 continue;
+            }
+            if let Some(bound) = bound {
+                let held_after = held.len() + usize::from(!held.contains(&frame_id));
+                let keeping_up = client
+                    .inflight
+                    .keys()
+                    .all(|id| state.recent_sent.contains(id));
+                let allowed = if keeping_up {
+                    bound
+                } else {
+                    bound.saturating_sub(KEEPING_UP_RESERVE)
+                };
+                if held_after > allowed {
+                    client.frames_dropped += 1;
+                    client.frames_dropped_held += 1;
+                    continue;
+                }
             }
             let mut unshareable = false;
             for m in &out.memories {
@@ -373,12 +537,25 @@ impl Server {
                     client.frames_sent += 1;
                     if needs_release {
                         client.inflight.insert(frame_id, out.buffer.clone());
+                        client.inflight_peak =
+                            client.inflight_peak.max(client.inflight.len() as u32);
+                        held.insert(frame_id);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.frames_dropped += 1,
                 Err(e) => client.kill(format!("sending a frame failed: {e}"), false),
             }
             any_dead |= client.dead.is_some();
+        }
+        if needs_release && held.contains(&frame_id) {
+            if state.recent_sent.len() == RECENT_FRAMES {
+                state.recent_sent.pop_front();
+            }
+            state.recent_sent.push_back(frame_id);
+        }
+        if bound.is_some() {
+            state.held.frames_held = held.len() as u32;
+            state.held.frames_held_peak = state.held.frames_held_peak.max(held.len() as u32);
         }
         drop(guard);
         if any_dead {
@@ -396,6 +573,17 @@ impl Server {
 
     pub fn frames_rendered(&self) -> u64 {
         lock(&self.shared.state).frames_rendered
+    }
+
+    pub fn held_stats(&self) -> HeldStats {
+        let state = lock(&self.shared.state);
+        let mut held = state.held.clone();
+        let mut distinct = HashSet::new();
+        for c in &state.clients {
+            distinct.extend(c.inflight.keys().copied());
+        }
+        held.frames_held = distinct.len() as u32;
+        held
     }
 
     pub fn client_stats(&self) -> Vec<ClientStats> {
@@ -491,7 +679,13 @@ fn io_loop(shared: &Shared) {
             .zip(&want_write)
             .map(|(fd, w)| (unsafe { BorrowedFd::borrow_raw(*fd) }, *w))
             .collect();
-        let revents = match wait(&fds, Some(Duration::from_millis(500))) {
+        // Wake often enough to notice a stalled consumer soon after its timeout.
+        let tick = lock(&shared.state)
+            .client_timeout
+            .map_or(Duration::from_millis(500), |t| {
+                (t / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
+            });
+        let revents = match wait(&fds, Some(tick)) {
             Ok(r) => r,
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(10));
@@ -562,6 +756,14 @@ fn service(
             }
         }
     }
+    if let Some(timeout) = state.client_timeout {
+        let now = Instant::now();
+        for client in state.clients.iter_mut() {
+            if client.check_stall(timeout, now) {
+                state.held.clients_timed_out += 1;
+            }
+        }
+    }
 
     // Newcomers, when the listener said so (index 1 of the poll set).
     let listener_ready = revents
@@ -585,6 +787,11 @@ fn service(
                         queued: VecDeque::new(),
                         frames_sent: 0,
                         frames_dropped: 0,
+                        frames_dropped_held: 0,
+                        inflight_peak: 0,
+                        unread_since: None,
+                        last_heard: Instant::now(),
+                        released_any: false,
                         dead: None,
                         refused: None,
                     };
@@ -674,6 +881,7 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                 return;
             }
         };
+        client.last_heard = Instant::now();
         let msg = match protocol::decode(&buf[..len], fds.len()) {
             Ok(m) => m,
             Err(e) => {
@@ -720,6 +928,7 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                 }
             }
             (Phase::Active, Message::Release { frame_ids }) => {
+                client.released_any = true;
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(

@@ -17,6 +17,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use super::receiver::{Attempt, Connection, Incoming, ReceiveError};
+use super::stale::StaleFilter;
 use crate::clock::TimeMapCache;
 use crate::protocol;
 use crate::transport::unix::{wait, Waker};
@@ -103,6 +104,8 @@ pub struct BufShareSrc {
     time_map: Mutex<TimeMapCache>,
     waker: Arc<Waker>,
     flushing: AtomicBool,
+    /// Frames left in the socket during a stall are released unseen.
+    stale: Mutex<StaleFilter>,
 }
 
 impl Default for BufShareSrc {
@@ -114,6 +117,7 @@ impl Default for BufShareSrc {
             connected: AtomicBool::new(false),
             stream: Mutex::new(Stream::default()),
             time_map: Mutex::new(TimeMapCache::default()),
+            stale: Mutex::new(StaleFilter::default()),
             waker: Arc::new(Waker::new().expect("eventfd")),
             flushing: AtomicBool::new(false),
         }
@@ -300,6 +304,8 @@ impl BufShareSrc {
                     link.connection = Some(conn);
                     link.awaiting_caps = true;
                     link.fresh = true;
+                    // A new producer's frames are judged on their own lateness.
+                    *self.stale.lock().unwrap() = StaleFilter::default();
                     if first {
                         gst::info!(
                             CAT,
@@ -458,6 +464,7 @@ impl BaseSrcImpl for BufShareSrc {
         *self.link.lock().unwrap() = Link::default();
         self.connected.store(false, Ordering::SeqCst);
         *self.stream.lock().unwrap() = Stream::default();
+        *self.stale.lock().unwrap() = StaleFilter::default();
         Ok(())
     }
 
@@ -543,6 +550,21 @@ impl PushSrcImpl for BufShareSrc {
                     let e = ReceiveError::Protocol("producer sent a frame before caps".into());
                     self.post_error_message(self.error_for(&e, &self.socket_name()));
                     return Err(gst::FlowError::Error);
+                }
+                Ok(Incoming::Frame(buffer, frame))
+                    if self
+                        .stale
+                        .lock()
+                        .unwrap()
+                        .is_stale(frame.pts, frame.duration) =>
+                {
+                    gst::debug!(
+                        CAT,
+                        imp = self,
+                        "frame {} waited in the socket while we did not read: releasing it unseen",
+                        frame.frame_id
+                    );
+                    drop(buffer);
                 }
                 Ok(Incoming::Frame(mut buffer, frame)) => {
                     let fresh = std::mem::take(&mut link.fresh);

@@ -3,13 +3,15 @@
 //! copying. Caps come from the producer.
 //!
 //! `imp.rs` is the element; `receiver.rs` is one connection (handshake,
-//! imported memories, release back to the producer).
+//! imported memories, release back to the producer); `stale.rs` spots frames
+//! left in the socket while the consumer did not read.
 
 use gst::glib;
 use gst::prelude::*;
 
 mod imp;
 pub mod receiver;
+mod stale;
 
 glib::wrapper! {
     pub struct BufShareSrc(ObjectSubclass<imp::BufShareSrc>)
