@@ -31,8 +31,7 @@ pub struct StaleFilter {
 }
 
 fn monotonic_ns() -> i64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec * 1_000_000_000 + t.tv_nsec
+    crate::clock::monotonic_now() as i64
 }
 
 impl StaleFilter {
