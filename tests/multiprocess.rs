@@ -6,8 +6,11 @@
 //! that crossed the socket as counted by strace, and buffers counted back by
 //! the producer through weak references. No timing thresholds.
 
+mod common;
+use common::TempDir;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,29 +19,6 @@ const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
 
 /// Multi-process tests run one at a time: they share two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bufshare-mp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_some() {
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Kills its process if the test fails before waiting on it.
 struct Proc(Option<Child>, &'static str);
@@ -229,7 +209,7 @@ fn assert_same_memory(name: &str, prod: &Report, cons: &Report) {
 #[test]
 fn fan_out_to_consumers_that_join_late_and_die() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("fanout");
+    let dir = TempDir::new("mp", "fanout");
     let socket = dir.path("cam.sock");
     let frames = 90; // 3 s at 30 fps
     let prod = producer(&socket, &dir.path("producer.txt"), "test", frames, 2);
@@ -305,7 +285,7 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
             .is_ok_and(|o| o.status.success()),
         "strace is needed to count the fds that cross the socket: apt-get install strace"
     );
-    let dir = TempDir::new("fdonce");
+    let dir = TempDir::new("mp", "fdonce");
     let socket = dir.path("slots.sock");
     let frames = 60;
     let prod = producer(&socket, &dir.path("producer.txt"), "slots", frames, 2);
@@ -376,7 +356,7 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
 }
 
 fn one_to_one(source: &str, frames: u32) -> (Report, Report) {
-    let dir = TempDir::new(source);
+    let dir = TempDir::new("mp", source);
     let socket = dir.path("s.sock");
     let prod = producer(&socket, &dir.path("p.txt"), source, frames, 1);
     let cons = consumer(&socket, &dir.path("c.txt"));
@@ -420,7 +400,7 @@ fn every_kind_of_stream_arrives_byte_identical() {
 #[test]
 fn consumer_reports_a_producer_that_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("prodgone");
+    let dir = TempDir::new("mp", "prodgone");
     let socket = dir.path("gone.sock");
     let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
     let cons = consumer_cmd(&socket, &dir.path("c.txt"))
@@ -514,7 +494,7 @@ fn reconnecting_consumer(socket: &Path, report: &Path, extra: &[&str]) -> Proc {
 #[test]
 fn consumer_follows_a_restarted_producer_to_its_new_caps() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("restart");
+    let dir = TempDir::new("mp", "restart");
     let socket = dir.path("cam.sock");
     // --hold 4: the consumer still holds producer A's last frames when B
     // arrives, and frees them while B's first frames come in. Their releases
@@ -589,7 +569,7 @@ fn consumer_follows_a_restarted_producer_to_its_new_caps() {
 #[test]
 fn consumer_started_before_the_producer_gets_every_frame() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("first");
+    let dir = TempDir::new("mp", "first");
     let socket = dir.path("late.sock");
     // It waits past its start timeout: only reconnect mode lets it.
     let cons = reconnecting_consumer(&socket, &dir.path("c.txt"), &["--timeout", "1000"]);
@@ -610,7 +590,7 @@ fn consumer_started_before_the_producer_gets_every_frame() {
 #[test]
 fn on_disconnect_eos_ends_the_consumer_cleanly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("eosmode");
+    let dir = TempDir::new("mp", "eosmode");
     let socket = dir.path("eos.sock");
     let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
     let mut cmd = consumer_cmd(&socket, &dir.path("c.txt"));

@@ -49,10 +49,36 @@ impl Drop for TempSocket {
 /// `name` in a fresh directory `bufshare-<tag>-<pid>-<name>` under the temp dir;
 /// `tag` tells the test files' directories apart.
 pub fn temp_socket(tag: &str, name: &str) -> TempSocket {
+    TempSocket(fresh_dir(tag, name).join(name))
+}
+
+/// An empty directory `bufshare-<tag>-<pid>-<name>` under the temp dir.
+fn fresh_dir(tag: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bufshare-{tag}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    TempSocket(dir.join(name))
+    dir
+}
+
+/// A fresh directory for a test's files (`bufshare-<tag>-<pid>-<name>`), removed
+/// when dropped unless `BUFSHARE_KEEP_TEST_DIRS` is set.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str, name: &str) -> TempDir {
+        TempDir(fresh_dir(tag, name))
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The next datagram with its fds, or None once the peer closed; waits up to 10 s.
