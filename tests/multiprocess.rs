@@ -7,11 +7,11 @@
 //! the producer through weak references. No timing thresholds.
 
 mod common;
-use common::TempDir;
+use common::{Proc, TempDir};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,46 +19,6 @@ const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
 
 /// Multi-process tests run one at a time: they share two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Kills its process if the test fails before waiting on it.
-struct Proc(Option<Child>, &'static str);
-
-impl Proc {
-    fn wait_ok(mut self) {
-        let mut child = self.0.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status}", self.1);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not finish in 60 s",
-                self.1
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn kill9(mut self) {
-        let mut child = self.0.take().unwrap();
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&child),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn producer(socket: &Path, report: &Path, source: &str, frames: u32, wait_clients: u32) -> Proc {
     producer_with(socket, report, source, frames, wait_clients, &[])
@@ -93,7 +53,7 @@ fn producer_with(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    Proc(Some(child), "producer")
+    Proc::new("producer", child)
 }
 
 fn consumer_cmd(socket: &Path, report: &Path) -> Command {
@@ -106,10 +66,7 @@ fn consumer_cmd(socket: &Path, report: &Path) -> Command {
 }
 
 fn consumer(socket: &Path, report: &Path) -> Proc {
-    Proc(
-        Some(consumer_cmd(socket, report).spawn().unwrap()),
-        "consumer",
-    )
+    Proc::new("consumer", consumer_cmd(socket, report).spawn().unwrap())
 }
 
 #[derive(Debug, Clone)]
@@ -219,9 +176,9 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     let late = consumer(&socket, &dir.path("late.txt"));
     std::thread::sleep(Duration::from_millis(500));
     victim.kill9();
-    prod.wait_ok();
-    steady.wait_ok();
-    late.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    steady.wait_ok(Duration::from_secs(60));
+    late.wait_ok(Duration::from_secs(60));
 
     let p = read_report(&dir.path("producer.txt"));
     let steady = read_report(&dir.path("steady.txt"));
@@ -291,21 +248,19 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
     let prod = producer(&socket, &dir.path("producer.txt"), "slots", frames, 2);
     let plain = consumer(&socket, &dir.path("plain.txt"));
     let strace_log = dir.path("strace.txt");
-    let traced = Proc(
-        Some(
-            Command::new("strace")
-                .args(["-f", "-e", "trace=recvmsg,mmap", "-o"])
-                .arg(&strace_log)
-                .arg(PEER)
-                .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
-                .spawn()
-                .unwrap(),
-        ),
+    let traced = Proc::new(
         "traced consumer",
+        Command::new("strace")
+            .args(["-f", "-e", "trace=recvmsg,mmap", "-o"])
+            .arg(&strace_log)
+            .arg(PEER)
+            .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
+            .spawn()
+            .unwrap(),
     );
-    prod.wait_ok();
-    plain.wait_ok();
-    traced.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    plain.wait_ok(Duration::from_secs(60));
+    traced.wait_ok(Duration::from_secs(60));
 
     let p = read_report(&dir.path("producer.txt"));
     let traced = read_report(&dir.path("traced.txt"));
@@ -360,8 +315,8 @@ fn one_to_one(source: &str, frames: u32) -> (Report, Report) {
     let socket = dir.path("s.sock");
     let prod = producer(&socket, &dir.path("p.txt"), source, frames, 1);
     let cons = consumer(&socket, &dir.path("c.txt"));
-    prod.wait_ok();
-    cons.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    cons.wait_ok(Duration::from_secs(60));
     let p = read_report(&dir.path("p.txt"));
     let c = read_report(&dir.path("c.txt"));
     assert_eq!(c.frames.len(), frames as usize, "{source}: consumer frames");
@@ -488,7 +443,7 @@ fn assert_run_is_whole(name: &str, prod: &Report, run: &[RunFrame]) {
 fn reconnecting_consumer(socket: &Path, report: &Path, extra: &[&str]) -> Proc {
     let mut cmd = consumer_cmd(socket, report);
     cmd.args(["--on-disconnect", "reconnect"]).args(extra);
-    Proc(Some(cmd.spawn().unwrap()), "reconnecting consumer")
+    Proc::new("reconnecting consumer", cmd.spawn().unwrap())
 }
 
 #[test]
@@ -525,9 +480,9 @@ fn consumer_follows_a_restarted_producer_to_its_new_caps() {
         ],
     );
     let b_served_at = gstbufshare::clock::monotonic_now();
-    b.wait_ok();
+    b.wait_ok(Duration::from_secs(60));
     // B's EOS ends the consumer's stream: it exits by itself, and without error.
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
 
     let b_report = read_report(&dir.path("b.txt"));
     let c = read_runs(&dir.path("c.txt"));
@@ -575,9 +530,9 @@ fn consumer_started_before_the_producer_gets_every_frame() {
     let cons = reconnecting_consumer(&socket, &dir.path("c.txt"), &["--timeout", "1000"]);
     std::thread::sleep(Duration::from_millis(2500));
     let prod = producer_with(&socket, &dir.path("p.txt"), "test", 30, 1, &["--fps", "10"]);
-    prod.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
     // The producer's EOS is a real EOS in reconnect mode too: the consumer ends.
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
     let p = read_report(&dir.path("p.txt"));
     let c = read_runs(&dir.path("c.txt"));
     assert_eq!(c.runs.len(), 1);
@@ -595,13 +550,10 @@ fn on_disconnect_eos_ends_the_consumer_cleanly() {
     let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
     let mut cmd = consumer_cmd(&socket, &dir.path("c.txt"));
     cmd.args(["--on-disconnect", "eos"]);
-    let cons = Proc(
-        Some(cmd.spawn().unwrap()),
-        "consumer with on-disconnect=eos",
-    );
+    let cons = Proc::new("consumer with on-disconnect=eos", cmd.spawn().unwrap());
     std::thread::sleep(Duration::from_millis(1500));
     prod.kill9();
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
     let c = read_runs(&dir.path("c.txt"));
     assert_eq!(c.runs.len(), 1);
     assert!(

@@ -13,11 +13,11 @@
 //! `BUFSHARE_SOAK_SECS=1800 cargo test --release --test reliability soak -- --nocapture`.
 
 mod common;
-use common::TempDir;
+use common::{Proc, TempDir};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,72 +25,6 @@ const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
 
 /// These tests run one at a time: they share two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A peer process; killed if the test fails before waiting on it.
-struct Proc {
-    child: Option<Child>,
-    name: String,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Proc {
-        Proc {
-            child: Some(cmd.spawn().unwrap()),
-            name: name.to_string(),
-        }
-    }
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
-    }
-    /// Waits for the exit; returns whether it succeeded.
-    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not finish in {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn wait_ok(self, limit: Duration) {
-        let name = self.name.clone();
-        let status = self.wait(limit);
-        assert!(status.success(), "{name} exited with {status}");
-    }
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-    fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(c),
-                rustix::process::Signal::CONT,
-            );
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// `bufshare-peer produce` with `args`, serving `s.sock` in `dir`, writing its
 /// report to `p.txt` and its stderr to `producer.err` there; returns once it
