@@ -6,9 +6,12 @@
 //! that crossed the socket as counted by strace, and buffers counted back by
 //! the producer through weak references. No timing thresholds.
 
+mod common;
+use common::{Proc, TempDir};
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,69 +19,6 @@ const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
 
 /// Multi-process tests run one at a time: they share two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bufshare-mp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_some() {
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills its process if the test fails before waiting on it.
-struct Proc(Option<Child>, &'static str);
-
-impl Proc {
-    fn wait_ok(mut self) {
-        let mut child = self.0.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status}", self.1);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not finish in 60 s",
-                self.1
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn kill9(mut self) {
-        let mut child = self.0.take().unwrap();
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&child),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn producer(socket: &Path, report: &Path, source: &str, frames: u32, wait_clients: u32) -> Proc {
     producer_with(socket, report, source, frames, wait_clients, &[])
@@ -113,7 +53,7 @@ fn producer_with(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    Proc(Some(child), "producer")
+    Proc::new("producer", child)
 }
 
 fn consumer_cmd(socket: &Path, report: &Path) -> Command {
@@ -126,10 +66,7 @@ fn consumer_cmd(socket: &Path, report: &Path) -> Command {
 }
 
 fn consumer(socket: &Path, report: &Path) -> Proc {
-    Proc(
-        Some(consumer_cmd(socket, report).spawn().unwrap()),
-        "consumer",
-    )
+    Proc::new("consumer", consumer_cmd(socket, report).spawn().unwrap())
 }
 
 #[derive(Debug, Clone)]
@@ -229,7 +166,7 @@ fn assert_same_memory(name: &str, prod: &Report, cons: &Report) {
 #[test]
 fn fan_out_to_consumers_that_join_late_and_die() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("fanout");
+    let dir = TempDir::new("mp", "fanout");
     let socket = dir.path("cam.sock");
     let frames = 90; // 3 s at 30 fps
     let prod = producer(&socket, &dir.path("producer.txt"), "test", frames, 2);
@@ -239,9 +176,9 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     let late = consumer(&socket, &dir.path("late.txt"));
     std::thread::sleep(Duration::from_millis(500));
     victim.kill9();
-    prod.wait_ok();
-    steady.wait_ok();
-    late.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    steady.wait_ok(Duration::from_secs(60));
+    late.wait_ok(Duration::from_secs(60));
 
     let p = read_report(&dir.path("producer.txt"));
     let steady = read_report(&dir.path("steady.txt"));
@@ -305,27 +242,25 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
             .is_ok_and(|o| o.status.success()),
         "strace is needed to count the fds that cross the socket: apt-get install strace"
     );
-    let dir = TempDir::new("fdonce");
+    let dir = TempDir::new("mp", "fdonce");
     let socket = dir.path("slots.sock");
     let frames = 60;
     let prod = producer(&socket, &dir.path("producer.txt"), "slots", frames, 2);
     let plain = consumer(&socket, &dir.path("plain.txt"));
     let strace_log = dir.path("strace.txt");
-    let traced = Proc(
-        Some(
-            Command::new("strace")
-                .args(["-f", "-e", "trace=recvmsg,mmap", "-o"])
-                .arg(&strace_log)
-                .arg(PEER)
-                .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
-                .spawn()
-                .unwrap(),
-        ),
+    let traced = Proc::new(
         "traced consumer",
+        Command::new("strace")
+            .args(["-f", "-e", "trace=recvmsg,mmap", "-o"])
+            .arg(&strace_log)
+            .arg(PEER)
+            .args(consumer_cmd(&socket, &dir.path("traced.txt")).get_args())
+            .spawn()
+            .unwrap(),
     );
-    prod.wait_ok();
-    plain.wait_ok();
-    traced.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    plain.wait_ok(Duration::from_secs(60));
+    traced.wait_ok(Duration::from_secs(60));
 
     let p = read_report(&dir.path("producer.txt"));
     let traced = read_report(&dir.path("traced.txt"));
@@ -376,12 +311,12 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
 }
 
 fn one_to_one(source: &str, frames: u32) -> (Report, Report) {
-    let dir = TempDir::new(source);
+    let dir = TempDir::new("mp", source);
     let socket = dir.path("s.sock");
     let prod = producer(&socket, &dir.path("p.txt"), source, frames, 1);
     let cons = consumer(&socket, &dir.path("c.txt"));
-    prod.wait_ok();
-    cons.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
+    cons.wait_ok(Duration::from_secs(60));
     let p = read_report(&dir.path("p.txt"));
     let c = read_report(&dir.path("c.txt"));
     assert_eq!(c.frames.len(), frames as usize, "{source}: consumer frames");
@@ -420,7 +355,7 @@ fn every_kind_of_stream_arrives_byte_identical() {
 #[test]
 fn consumer_reports_a_producer_that_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("prodgone");
+    let dir = TempDir::new("mp", "prodgone");
     let socket = dir.path("gone.sock");
     let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
     let cons = consumer_cmd(&socket, &dir.path("c.txt"))
@@ -508,13 +443,13 @@ fn assert_run_is_whole(name: &str, prod: &Report, run: &[RunFrame]) {
 fn reconnecting_consumer(socket: &Path, report: &Path, extra: &[&str]) -> Proc {
     let mut cmd = consumer_cmd(socket, report);
     cmd.args(["--on-disconnect", "reconnect"]).args(extra);
-    Proc(Some(cmd.spawn().unwrap()), "reconnecting consumer")
+    Proc::new("reconnecting consumer", cmd.spawn().unwrap())
 }
 
 #[test]
 fn consumer_follows_a_restarted_producer_to_its_new_caps() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("restart");
+    let dir = TempDir::new("mp", "restart");
     let socket = dir.path("cam.sock");
     // --hold 4: the consumer still holds producer A's last frames when B
     // arrives, and frees them while B's first frames come in. Their releases
@@ -545,9 +480,9 @@ fn consumer_follows_a_restarted_producer_to_its_new_caps() {
         ],
     );
     let b_served_at = gstbufshare::clock::monotonic_now();
-    b.wait_ok();
+    b.wait_ok(Duration::from_secs(60));
     // B's EOS ends the consumer's stream: it exits by itself, and without error.
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
 
     let b_report = read_report(&dir.path("b.txt"));
     let c = read_runs(&dir.path("c.txt"));
@@ -589,15 +524,15 @@ fn consumer_follows_a_restarted_producer_to_its_new_caps() {
 #[test]
 fn consumer_started_before_the_producer_gets_every_frame() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("first");
+    let dir = TempDir::new("mp", "first");
     let socket = dir.path("late.sock");
     // It waits past its start timeout: only reconnect mode lets it.
     let cons = reconnecting_consumer(&socket, &dir.path("c.txt"), &["--timeout", "1000"]);
     std::thread::sleep(Duration::from_millis(2500));
     let prod = producer_with(&socket, &dir.path("p.txt"), "test", 30, 1, &["--fps", "10"]);
-    prod.wait_ok();
+    prod.wait_ok(Duration::from_secs(60));
     // The producer's EOS is a real EOS in reconnect mode too: the consumer ends.
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
     let p = read_report(&dir.path("p.txt"));
     let c = read_runs(&dir.path("c.txt"));
     assert_eq!(c.runs.len(), 1);
@@ -610,18 +545,15 @@ fn consumer_started_before_the_producer_gets_every_frame() {
 #[test]
 fn on_disconnect_eos_ends_the_consumer_cleanly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("eosmode");
+    let dir = TempDir::new("mp", "eosmode");
     let socket = dir.path("eos.sock");
     let prod = producer(&socket, &dir.path("p.txt"), "test", 3000, 1);
     let mut cmd = consumer_cmd(&socket, &dir.path("c.txt"));
     cmd.args(["--on-disconnect", "eos"]);
-    let cons = Proc(
-        Some(cmd.spawn().unwrap()),
-        "consumer with on-disconnect=eos",
-    );
+    let cons = Proc::new("consumer with on-disconnect=eos", cmd.spawn().unwrap());
     std::thread::sleep(Duration::from_millis(1500));
     prod.kill9();
-    cons.wait_ok();
+    cons.wait_ok(Duration::from_secs(60));
     let c = read_runs(&dir.path("c.txt"));
     assert_eq!(c.runs.len(), 1);
     assert!(

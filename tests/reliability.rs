@@ -12,9 +12,12 @@
 //! The soak test's duration is `BUFSHARE_SOAK_SECS` (default 60):
 //! `BUFSHARE_SOAK_SECS=1800 cargo test --release --test reliability soak -- --nocapture`.
 
+mod common;
+use common::{Proc, TempDir};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,104 +26,19 @@ const PEER: &str = env!("CARGO_BIN_EXE_bufshare-peer");
 /// These tests run one at a time: they share two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bufshare-rel-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A peer process; killed if the test fails before waiting on it.
-struct Proc {
-    child: Option<Child>,
-    name: String,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Proc {
-        Proc {
-            child: Some(cmd.spawn().unwrap()),
-            name: name.to_string(),
-        }
-    }
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
-    }
-    /// Waits for the exit; returns whether it succeeded.
-    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not finish in {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn wait_ok(self, limit: Duration) {
-        let name = self.name.clone();
-        let status = self.wait(limit);
-        assert!(status.success(), "{name} exited with {status}");
-    }
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-    fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(c),
-                rustix::process::Signal::CONT,
-            );
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `bufshare-peer produce` with `args`; returns once it serves the socket.
-fn producer(socket: &Path, report: &Path, stderr: &Path, args: &[&str]) -> Proc {
+/// `bufshare-peer produce` with `args`, serving `s.sock` in `dir`, writing its
+/// report to `p.txt` and its stderr to `producer.err` there; returns once it
+/// serves the socket.
+fn producer(dir: &TempDir, args: &[&str]) -> Proc {
+    let socket = dir.path("s.sock");
     let mut cmd = Command::new(PEER);
     cmd.args(["produce", "--socket"])
-        .arg(socket)
+        .arg(&socket)
         .arg("--report")
-        .arg(report)
+        .arg(dir.path("p.txt"))
         .args(args)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(stderr).unwrap());
+        .stderr(std::fs::File::create(producer_stderr(dir)).unwrap());
     let proc = Proc::spawn("producer", cmd);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
@@ -128,6 +46,11 @@ fn producer(socket: &Path, report: &Path, stderr: &Path, args: &[&str]) -> Proc 
         std::thread::sleep(Duration::from_millis(10));
     }
     proc
+}
+
+/// What `producer` wrote to its stderr.
+fn producer_stderr(dir: &TempDir) -> PathBuf {
+    dir.path("producer.err")
 }
 
 fn consumer(name: &str, socket: &Path, report: &Path, args: &[&str]) -> Proc {
@@ -141,6 +64,14 @@ fn consumer(name: &str, socket: &Path, report: &Path, args: &[&str]) -> Proc {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     Proc::spawn(name, cmd)
+}
+
+/// `who` received at least 99 % of the `sent` frames.
+fn assert_nearly_all(who: &str, received: usize, sent: usize) {
+    assert!(
+        received * 100 >= sent * 99,
+        "{who} received only {received} of {sent} frames"
+    );
 }
 
 /// One frame line: its offset and the CLOCK_MONOTONIC time it was seen.
@@ -282,17 +213,14 @@ const FPS: u64 = 30;
 #[test]
 fn a_stopped_consumer_does_not_disturb_the_others_and_resumes_with_new_frames() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("stall");
+    let dir = TempDir::new("rel", "stall");
     let socket = dir.path("s.sock");
     let frames = 20 * FPS; // 20 s: 4 s before the stall, 10 s stopped, 6 s after
                            // Half a second of frames: a consumer the loaded machine does not
                            // schedule for that long still loses nothing.
     let max_inflight = 16u32;
-    let stderr = dir.path("producer.err");
     let prod = producer(
-        &socket,
-        &dir.path("p.txt"),
-        &stderr,
+        &dir,
         &[
             "--source",
             "test",
@@ -371,12 +299,7 @@ fn a_stopped_consumer_does_not_disturb_the_others_and_resumes_with_new_frames() 
             c.frames.len(),
             p.frames.len()
         );
-        assert!(
-            c.frames.len() * 100 >= p.frames.len() * 99,
-            "consumer {i} received only {} of {} frames",
-            c.frames.len(),
-            p.frames.len()
-        );
+        assert_nearly_all(&format!("consumer {i}"), c.frames.len(), p.frames.len());
     }
     // The stopped one never held more than max-inflight, and did hold frames.
     let samples: Vec<&ClientSample> = p.clients.iter().filter(|c| c.pid == frozen_pid).collect();
@@ -429,21 +352,18 @@ fn a_stopped_consumer_does_not_disturb_the_others_and_resumes_with_new_frames() 
         age_ms < 1000,
         "first frame after SIGCONT was rendered {age_ms} ms before SIGCONT (a stale frame)"
     );
-    let warnings = std::fs::read_to_string(&stderr).unwrap();
+    let warnings = std::fs::read_to_string(producer_stderr(&dir)).unwrap();
     assert!(!warnings.contains("stalled"), "{warnings}");
 }
 
 #[test]
 fn a_consumer_stopped_longer_than_client_timeout_is_disconnected_with_a_warning() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("stall-timeout");
+    let dir = TempDir::new("rel", "stall-timeout");
     let socket = dir.path("s.sock");
     let frames = 8 * FPS;
-    let stderr = dir.path("producer.err");
     let prod = producer(
-        &socket,
-        &dir.path("p.txt"),
-        &stderr,
+        &dir,
         &[
             "--source",
             "slots",
@@ -471,7 +391,7 @@ fn a_consumer_stopped_longer_than_client_timeout_is_disconnected_with_a_warning(
     let status = frozen.wait(Duration::from_secs(60));
     assert!(!status.success(), "the disconnected consumer should fail");
 
-    let warnings = std::fs::read_to_string(&stderr).unwrap();
+    let warnings = std::fs::read_to_string(producer_stderr(&dir)).unwrap();
     println!("timeout: producer stderr: {}", warnings.trim());
     let line = warnings
         .lines()
@@ -522,14 +442,11 @@ fn fixed_pool_run(
     greedy: usize,
     healthy: usize,
 ) -> (Report, Vec<usize>) {
-    let dir = TempDir::new(name);
+    let dir = TempDir::new("rel", name);
     let socket = dir.path("s.sock");
     let frames = 6 * FPS;
-    let stderr = dir.path("producer.err");
     let prod = producer(
-        &socket,
-        &dir.path("p.txt"),
-        &stderr,
+        &dir,
         &[
             "--source",
             "pool",
@@ -558,7 +475,7 @@ fn fixed_pool_run(
         .collect();
     // The producer exits 3 if its pool gives it no buffer for 10 s.
     let status = prod.wait(Duration::from_secs(120));
-    let warnings = std::fs::read_to_string(&stderr).unwrap();
+    let warnings = std::fs::read_to_string(producer_stderr(&dir)).unwrap();
     assert!(
         status.success(),
         "{name}: producer starved or failed: {status}: {warnings}"
@@ -624,14 +541,11 @@ fn a_fixed_upstream_pool_never_starves_with_greedy_consumers() {
 #[test]
 fn a_hundred_consumers_killed_at_random_leak_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("kill");
+    let dir = TempDir::new("rel", "kill");
     let socket = dir.path("s.sock");
-    let stderr = dir.path("producer.err");
     let eos = dir.path("eos");
     let prod = producer(
-        &socket,
-        &dir.path("p.txt"),
-        &stderr,
+        &dir,
         &[
             "--source",
             "slots",
@@ -675,7 +589,7 @@ fn a_hundred_consumers_killed_at_random_leak_nothing() {
         w.wait_ok(Duration::from_secs(60));
     }
 
-    let warnings = std::fs::read_to_string(&stderr).unwrap();
+    let warnings = std::fs::read_to_string(producer_stderr(&dir)).unwrap();
     let p = read_report(&dir.path("p.txt"));
     let pushed: u64 = p.summary["pushed"].parse().unwrap();
     let returned: u64 = p.summary["returned"].parse().unwrap();
@@ -707,12 +621,7 @@ fn a_hundred_consumers_killed_at_random_leak_nothing() {
             w.frames.len(),
             p.frames.len()
         );
-        assert!(
-            w.frames.len() * 100 >= p.frames.len() * 99,
-            "watcher {i} got {} of {} frames",
-            w.frames.len(),
-            p.frames.len()
-        );
+        assert_nearly_all(&format!("watcher {i}"), w.frames.len(), p.frames.len());
     }
 }
 
@@ -727,17 +636,14 @@ fn soak_1080p30_with_consumers_joining_and_leaving_at_random() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let dir = TempDir::new("soak");
+    let dir = TempDir::new("rel", "soak");
     let socket = dir.path("s.sock");
-    let stderr = dir.path("producer.err");
     let eos = dir.path("eos");
     // Frames are 3 MiB: checksum their first 4 KiB only (debug builds are slow).
     let sum = ["--sum-bytes", "4096"];
     let max_inflight = MAX_INFLIGHT_SOAK.to_string();
     let prod = producer(
-        &socket,
-        &dir.path("p.txt"),
-        &stderr,
+        &dir,
         &[
             "--source",
             "test",

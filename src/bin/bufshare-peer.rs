@@ -183,6 +183,15 @@ impl Report {
     fn push(&self, line: String) {
         self.lines.lock().unwrap().push(line);
     }
+    /// Adds a `caps ...` line when `pad`'s current caps differ from the last ones seen.
+    fn note_caps_change(&self, pad: &gst::Pad, last_caps: &Mutex<Option<String>>) {
+        let caps = pad.current_caps().map(|c| c.to_string());
+        let mut lc = last_caps.lock().unwrap();
+        if *lc != caps {
+            self.push(format!("caps {}", caps.clone().unwrap_or_default()));
+            *lc = caps;
+        }
+    }
     fn write(&self, path: &str) {
         let lines = self.lines.lock().unwrap();
         let mut out: Box<dyn Write> = if path == "-" {
@@ -369,12 +378,7 @@ fn produce(args: &Args) -> Result<(), String> {
         .unwrap()
         .add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
             if let Some(buffer) = info.buffer() {
-                let caps = pad.current_caps().map(|c| c.to_string());
-                let mut lc = last_caps.lock().unwrap();
-                if *lc != caps {
-                    rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
-                    *lc = caps;
-                }
+                rep.note_caps_change(pad, &last_caps);
                 let (ino, _, _) = memory_identity(buffer);
                 if ino != 0 {
                     inos.lock().unwrap().insert(ino);
@@ -905,12 +909,7 @@ fn consume_into(
         .unwrap()
         .add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
             if let Some(buffer) = info.buffer() {
-                let caps = pad.current_caps().map(|c| c.to_string());
-                let mut lc = last_caps.lock().unwrap();
-                if *lc != caps {
-                    rep.push(format!("caps {}", caps.clone().unwrap_or_default()));
-                    *lc = caps;
-                }
+                rep.note_caps_change(pad, &last_caps);
                 let clock = buffer
                     .pts()
                     .zip(base.upgrade().and_then(|p| p.base_time()))

@@ -6,6 +6,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
@@ -49,10 +50,36 @@ impl Drop for TempSocket {
 /// `name` in a fresh directory `bufshare-<tag>-<pid>-<name>` under the temp dir;
 /// `tag` tells the test files' directories apart.
 pub fn temp_socket(tag: &str, name: &str) -> TempSocket {
+    TempSocket(fresh_dir(tag, name).join(name))
+}
+
+/// An empty directory `bufshare-<tag>-<pid>-<name>` under the temp dir.
+fn fresh_dir(tag: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bufshare-{tag}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    TempSocket(dir.join(name))
+    dir
+}
+
+/// A fresh directory for a test's files (`bufshare-<tag>-<pid>-<name>`), removed
+/// when dropped unless `BUFSHARE_KEEP_TEST_DIRS` is set.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str, name: &str) -> TempDir {
+        TempDir(fresh_dir(tag, name))
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("BUFSHARE_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The next datagram with its fds, or None once the peer closed; waits up to 10 s.
@@ -102,4 +129,74 @@ pub fn live_producer_with(path: &Path, sink_props: &str) -> (gst::Pipeline, gst:
     let sink = pipeline.by_name("sink").unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     (pipeline, sink)
+}
+
+/// A peer process; killed if the test fails before waiting on it.
+pub struct Proc {
+    child: Option<Child>,
+    name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        Proc::new(name, cmd.spawn().unwrap())
+    }
+    /// Takes charge of `child`, already started.
+    pub fn new(name: &str, child: Child) -> Proc {
+        Proc {
+            child: Some(child),
+            name: name.to_string(),
+        }
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+    /// Waits for the exit; returns whether it succeeded.
+    pub fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not finish in {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    pub fn wait_ok(self, limit: Duration) {
+        let name = self.name.clone();
+        let status = self.wait(limit);
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(c),
+                rustix::process::Signal::CONT,
+            );
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
