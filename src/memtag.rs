@@ -47,6 +47,20 @@ pub fn root_memory(mem: &gst::MemoryRef) -> &gst::MemoryRef {
     root
 }
 
+/// Whether `mem`'s root memory already has an id: a sink has shared it before.
+pub fn is_tagged(mem: &gst::MemoryRef) -> bool {
+    let root = root_memory(mem);
+    // SAFETY: `root` is a live mini object (we hold a reference through `mem`);
+    // only the pointer's presence is read, never what it points to.
+    !unsafe {
+        gst::ffi::gst_mini_object_get_qdata(
+            root.as_ptr() as *mut gst::ffi::GstMiniObject,
+            QUARK.into_glib(),
+        )
+    }
+    .is_null()
+}
+
 /// Returns the id of `mem`'s root memory, tagging it on first sight.
 /// `listener` is told when the memory is freed, if `subscribe` is set (a sink
 /// subscribes the first time it sees the memory).

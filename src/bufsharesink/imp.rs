@@ -666,7 +666,10 @@ impl BufShareSink {
         let Some(fd_mem) = mem.downcast_memory_ref::<gst_allocators::FdMemory>() else {
             return false;
         };
-        if mem.is_memory_type::<gst_allocators::DmaBufMemory>() {
+        // dma-bufs have a size fixed by their exporter. A memory with an id was
+        // checked (or sealed) the first time it was shared, and seals are permanent:
+        // no syscall per frame for memory seen before.
+        if mem.is_memory_type::<gst_allocators::DmaBufMemory>() || memtag::is_tagged(mem) {
             return true;
         }
         // SAFETY: the fd belongs to `mem`, alive for this call.
