@@ -11,6 +11,8 @@ const KIND_FORGET: u16 = 5;
 const KIND_FRAME: u16 = 6;
 const KIND_RELEASE: u16 = 7;
 const KIND_EOS: u16 = 8;
+const KIND_DISCONNECT: u16 = 9;
+const KIND_MAX_INFLIGHT: u16 = 10;
 
 const MEM_REGISTERED: u32 = 1;
 const MEM_INLINE: u32 = 2;
@@ -141,6 +143,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             KIND_RELEASE
         }
         Message::Eos => KIND_EOS,
+        Message::Disconnect { reason } => {
+            w.string(reason);
+            KIND_DISCONNECT
+        }
+        Message::MaxInflight { frames } => {
+            w.u32(*frames);
+            KIND_MAX_INFLIGHT
+        }
     };
     let body = w.0;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -305,6 +315,16 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             (r, Message::Release { frame_ids })
         }
         KIND_EOS => (Reader::new(body, "EOS"), Message::Eos),
+        KIND_DISCONNECT => {
+            let mut r = Reader::new(body, "DISCONNECT");
+            let reason = r.string("reason")?;
+            (r, Message::Disconnect { reason })
+        }
+        KIND_MAX_INFLIGHT => {
+            let mut r = Reader::new(body, "MAX_INFLIGHT");
+            let frames = r.u32("frames")?;
+            (r, Message::MaxInflight { frames })
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     r.finish()?;

@@ -25,7 +25,7 @@ pub use codec::{decode, encode, DecodeError};
 /// Magic bytes at the start of every HELLO body.
 pub const MAGIC: [u8; 8] = *b"BUFSHARE";
 /// Protocol version spoken by this build. Peers with another version are refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the fixed header in front of every message.
 pub const HEADER_LEN: usize = 8;
 /// Largest datagram either side sends or accepts (header included).
@@ -170,6 +170,18 @@ pub enum Message {
         frame_ids: Vec<u64>,
     },
     Eos,
+    /// The producer drops this consumer and says why, before it closes the
+    /// connection (stalled, too many queued messages, shutting down...).
+    Disconnect {
+        reason: String,
+    },
+    /// How many frames a consumer holds at once (frames sent and not yet
+    /// released). Consumer -> producer: what it asks for (0: the producer's
+    /// default). Producer -> consumer: the limit in force for it, sent after
+    /// the handshake and whenever it changes.
+    MaxInflight {
+        frames: u32,
+    },
 }
 
 impl Message {
@@ -192,6 +204,8 @@ impl Message {
             Message::Frame(_) => "FRAME",
             Message::Release { .. } => "RELEASE",
             Message::Eos => "EOS",
+            Message::Disconnect { .. } => "DISCONNECT",
+            Message::MaxInflight { .. } => "MAX_INFLIGHT",
         }
     }
 }

@@ -99,6 +99,8 @@ fn fails(datagram: &[u8], n_fds: usize, err: DecodeError) {
 // Golden encodings, `header | body`. docs/protocol.md shows EOS and FORGET.
 const HELLO_V1_CONSUMER: &str = "0100 0000 10000000 | 4255465348415245 0100 02 00 00000000";
 const EOS: &str = "0800 0000 00000000";
+const DISCONNECT: &str = "0900 0000 06000000 | 02000000 6869";
+const MAX_INFLIGHT: &str = "0a00 0000 04000000 | 40000000";
 const FORGET: &str = "0500 0000 08000000 | 0807060504030201";
 const RELEASE: &str = "0700 0000 14000000 | 02000000 0100000000000000 0000000001000000";
 const REGISTER: &str = "0400 0100 14000000 | 0700000000000000 02000000 0010000000000000";
@@ -115,6 +117,8 @@ const FRAME: &str = "0600 0000 ae000000 | 0100000000000000 00ca9a3b00000000 ffff
 fn golden_encodings() {
     assert_eq!(round_trip(&hello(1, Role::Consumer, 0), 1), hex(HELLO_V1_CONSUMER));
     assert_eq!(round_trip(&Message::Eos, 8), hex(EOS));
+    assert_eq!(round_trip(&Message::Disconnect { reason: "hi".into() }, 9), hex(DISCONNECT));
+    assert_eq!(round_trip(&Message::MaxInflight { frames: 64 }, 10), hex(MAX_INFLIGHT));
     assert_eq!(round_trip(&Message::Forget { mem_id: 0x0102_0304_0506_0708 }, 5), hex(FORGET));
     assert_eq!(round_trip(&release(vec![1, 1 << 32]), 7), hex(RELEASE));
     assert_eq!(round_trip(&register(7, MemoryKind::DmaBuf, 4096), 4), hex(REGISTER));
@@ -179,7 +183,7 @@ fn header_errors() {
     fails(&hex("0500 0000 09000000 0000000000000000"), 0, mismatch(9, 8));
     fails(&hex("0500 0000 07000000 0000000000000000"), 0, mismatch(7, 8));
     fails(&hex("0500 0000 ffffffff 0000000000000000"), 0, mismatch(u32::MAX as usize, 8));
-    for kind in [0, 9, 0xffff] {
+    for kind in [0, 11, 0xffff] {
         fails(&dgram(kind, 0, &[1]), 0, UnknownKind(kind));
     }
     fails(&vec![0; MAX_MESSAGE_LEN + 1], 0, TooLong(MAX_MESSAGE_LEN + 1));
@@ -344,6 +348,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         5 => arb_frame().prop_map(Message::Frame),
         1 => prop::collection::vec(any::<u64>(), 0..=MAX_RELEASE_IDS).prop_map(release),
         1 => Just(Message::Eos),
+        1 => "\\PC{0,64}".prop_map(|reason| Message::Disconnect { reason }),
+        1 => any::<u32>().prop_map(|frames| Message::MaxInflight { frames }),
     ]
 }
 
