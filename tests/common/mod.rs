@@ -200,3 +200,86 @@ impl Drop for Proc {
         }
     }
 }
+
+/// The directory holding the built plugin (`libgstbufshare.so`), next to the
+/// test harness binary `bufshare-peer`.
+pub fn plugin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_bufshare-peer"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A user's pipeline: `gst-launch-1.0 -e DESC` in its own process, with the
+/// built plugin on GST_PLUGIN_PATH and its output in `log`. Stop it as a user
+/// would: [`Proc::signal`] SIGINT (EOS first, thanks to `-e`) or SIGKILL.
+pub fn gst_launch(name: &str, desc: &str, log: &Path) -> Proc {
+    let out = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new("gst-launch-1.0");
+    cmd.arg("-e")
+        .args(desc.split_whitespace())
+        .env("GST_PLUGIN_PATH", plugin_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    Proc::spawn(name, cmd)
+}
+
+/// Waits up to `limit` for `path` to exist (a producer's socket, a file).
+pub fn wait_for_path(path: &Path, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear in {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Decodes the media file `path` to the end in this process (filesrc !
+/// decodebin) and returns how many buffers came out of its first stream, with
+/// the PTS of the last one. Panics, with GStreamer's message, when the file
+/// cannot be decoded (e.g. an MP4 whose muxer was never finalized).
+pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location={} ! decodebin ! appsink name=out sync=false",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sink = pipeline
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut count = 0;
+    let mut last_pts = None;
+    loop {
+        match sink.try_pull_sample(gst::ClockTime::from_seconds(20)) {
+            Some(sample) => {
+                count += 1;
+                last_pts = sample.buffer().and_then(|b| b.pts()).or(last_pts);
+            }
+            None => break,
+        }
+    }
+    let bus = pipeline.bus().unwrap();
+    let error = bus.pop_filtered(&[gst::MessageType::Error]);
+    pipeline.set_state(gst::State::Null).unwrap();
+    if let Some(msg) = error {
+        if let gst::MessageView::Error(e) = msg.view() {
+            panic!(
+                "decoding {} failed: {} ({:?})",
+                path.display(),
+                e.error(),
+                e.debug()
+            );
+        }
+    }
+    (count, last_pts)
+}
