@@ -33,6 +33,11 @@ pub fn monotonic_offset(clock: &gst::Clock) -> i128 {
 pub struct TimeMap {
     base_time: u64,
     offset: i128,
+    /// The pipeline clock is CLOCK_MONOTONIC itself (the system clock): the
+    /// map is exact. Otherwise each map pairs two clock readings, which
+    /// jitters, and a clock that does not advance (a test clock) is no clock
+    /// at all.
+    pub exact: bool,
 }
 
 impl TimeMap {
@@ -44,8 +49,14 @@ impl TimeMap {
     /// Running time of a monotonic instant; instants before this pipeline's
     /// base time map to 0.
     pub fn to_running_time(&self, monotonic: u64) -> u64 {
-        (monotonic as i128 - self.offset - self.base_time as i128).clamp(0, u64::MAX as i128 - 1)
-            as u64
+        self.signed_running_time(monotonic)
+            .clamp(0, u64::MAX as i128 - 1) as u64
+    }
+
+    /// Running time of a monotonic instant, negative before this pipeline's
+    /// base time (for ordering frames; buffers get [`Self::to_running_time`]).
+    pub fn signed_running_time(&self, monotonic: u64) -> i128 {
+        monotonic as i128 - self.offset - self.base_time as i128
     }
 }
 
@@ -74,7 +85,11 @@ impl TimeMapCache {
             }
         };
         let offset = fixed.unwrap_or_else(|| monotonic_offset(&clock));
-        Some(TimeMap { base_time, offset })
+        Some(TimeMap {
+            base_time,
+            offset,
+            exact: fixed.is_some(),
+        })
     }
 }
 
@@ -85,10 +100,12 @@ mod tests {
     #[test]
     fn round_trip_across_two_pipelines() {
         let producer = TimeMap {
+            exact: true,
             base_time: 5_000,
             offset: 0,
         };
         let consumer = TimeMap {
+            exact: false,
             base_time: 3_000,
             offset: 100,
         };

@@ -125,7 +125,7 @@ fn consumer_refuses_a_producer_of_another_version() {
             std::thread::sleep(Duration::from_millis(5));
         };
         let hello = Message::Hello(Hello {
-            version: 2,
+            version: protocol::VERSION + 1,
             role: Role::Producer,
             features: 0,
         });
@@ -137,8 +137,15 @@ fn consumer_refuses_a_producer_of_another_version() {
         .build()
         .unwrap();
     let err = start_error(&src).expect("must be refused");
-    assert!(err.contains("producer speaks version 2"), "{err}");
-    assert!(err.contains("consumer speaks version 1"), "{err}");
+    let (theirs, ours) = (protocol::VERSION + 1, protocol::VERSION);
+    assert!(
+        err.contains(&format!("producer speaks version {theirs}")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("consumer speaks version {ours}")),
+        "{err}"
+    );
     fake.join().unwrap();
 }
 
@@ -229,19 +236,26 @@ fn bad_peers_are_dropped_and_good_ones_carry_on() {
     good.play();
     assert!(good.pull().is_ok());
 
-    // A consumer speaking version 2 gets REFUSE naming both versions, then the door.
+    // A consumer speaking a newer version gets REFUSE naming both versions, then the door.
     let v2 = UnixChannel::connect(&path).unwrap();
     assert!(matches!(recv_msg(&v2), Some(Message::Hello(h)) if h.role == Role::Producer));
     let hello = Message::Hello(Hello {
-        version: 2,
+        version: protocol::VERSION + 1,
         role: Role::Consumer,
         features: 0,
     });
     v2.send(&protocol::encode(&hello), &[]).unwrap();
     match recv_msg(&v2) {
         Some(Message::Refuse { reason }) => {
-            assert!(reason.contains("consumer speaks version 2"), "{reason}");
-            assert!(reason.contains("producer speaks version 1"), "{reason}");
+            let (theirs, ours) = (protocol::VERSION + 1, protocol::VERSION);
+            assert!(
+                reason.contains(&format!("consumer speaks version {theirs}")),
+                "{reason}"
+            );
+            assert!(
+                reason.contains(&format!("producer speaks version {ours}")),
+                "{reason}"
+            );
         }
         other => panic!("expected REFUSE, got {other:?}"),
     }

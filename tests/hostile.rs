@@ -240,8 +240,8 @@ fn sealed_memfd(size: u64) -> OwnedFd {
 const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
     (
         "wrong version",
-        |c| send(c, &hello(2, Role::Consumer), &[]),
-        "protocol version mismatch: consumer speaks version 2",
+        |c| send(c, &hello(1, Role::Consumer), &[]),
+        "protocol version mismatch: consumer speaks version 1, producer speaks version 2",
     ),
     (
         "claims to be a producer",
@@ -538,9 +538,9 @@ const PRODUCER_CASES: &[ProducerCase] = &[
     ProducerCase {
         name: "wrong version",
         own_handshake: true,
-        script: |c| send(c, &hello(2, Role::Producer), &[]),
+        script: |c| send(c, &hello(1, Role::Producer), &[]),
         fault:
-            "protocol version mismatch: producer speaks version 2, this consumer speaks version 1",
+            "protocol version mismatch: producer speaks version 1, this consumer speaks version 2",
     },
     ProducerCase {
         name: "claims to be a consumer",

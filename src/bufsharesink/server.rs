@@ -941,6 +941,8 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                     }
                 }
             }
+            // Per-consumer grants are not applied yet; the request is accepted.
+            (Phase::Active, Message::MaxInflight { .. }) => {}
             (phase, msg) => {
                 let when = if *phase == Phase::Active {
                     "after the handshake"

@@ -5,7 +5,7 @@
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use gst_base::prelude::*;
 use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
+use super::delivery::{Decision, Delivery, DropReason, FrameFacts};
 use super::receiver::{Attempt, Connection, Incoming, ReceiveError};
 use super::stale::StaleFilter;
 use crate::clock::TimeMapCache;
@@ -53,12 +54,34 @@ pub enum OnDisconnect {
     Reconnect,
 }
 
+/// What the element does with its producer's EOS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstBufShareSrcOnEos")]
+pub enum OnEos {
+    #[default]
+    #[enum_value(
+        name = "wait with on-disconnect=reconnect, forward otherwise",
+        nick = "auto"
+    )]
+    Auto,
+    #[enum_value(name = "End the stream: push EOS downstream", nick = "forward")]
+    Forward,
+    #[enum_value(
+        name = "End only that producer's stream: keep the pipeline running; when the producer leaves, on-disconnect applies (reconnect: go on with the next producer)",
+        nick = "wait"
+    )]
+    Wait,
+}
+
 #[derive(Debug, Clone)]
 struct Settings {
     socket: Option<String>,
     timeout_ms: u64,
     on_disconnect: OnDisconnect,
+    on_eos: OnEos,
     reconnect_interval_ms: u64,
+    max_inflight: u32,
 }
 
 impl Default for Settings {
@@ -67,7 +90,20 @@ impl Default for Settings {
             socket: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             on_disconnect: OnDisconnect::default(),
+            on_eos: OnEos::default(),
             reconnect_interval_ms: DEFAULT_RECONNECT_INTERVAL_MS,
+            max_inflight: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// Whether a producer's EOS ends our stream (else we wait for the next producer).
+    fn eos_ends_stream(&self) -> bool {
+        match self.on_eos {
+            OnEos::Forward => true,
+            OnEos::Wait => false,
+            OnEos::Auto => self.on_disconnect != OnDisconnect::Reconnect,
         }
     }
 }
@@ -78,8 +114,6 @@ struct Link {
     connection: Option<Connection>,
     /// Connected, but the producer's caps have not come yet.
     awaiting_caps: bool,
-    /// The next buffer is the first of a new connection: mark it DISCONT.
-    fresh: bool,
 }
 
 /// What the producer said about the stream. Its own lock: queries (caps,
@@ -106,6 +140,15 @@ pub struct BufShareSrc {
     flushing: AtomicBool,
     /// Frames left in the socket during a stall are released unseen.
     stale: Mutex<StaleFilter>,
+    /// Push, copy or drop, frame by frame; its counters feed `stats`.
+    delivery: Mutex<Delivery>,
+    /// Frames of the current producer we hold (updated on release too).
+    frames_held: Mutex<Arc<AtomicUsize>>,
+    frames_held_peak: AtomicUsize,
+    /// The grant the current producer gave (MAX_INFLIGHT), 0 before it said.
+    granted: AtomicU64,
+    /// Whether we warned that downstream holds so much that frames are copied.
+    warned_copy: AtomicBool,
 }
 
 impl Default for BufShareSrc {
@@ -118,6 +161,11 @@ impl Default for BufShareSrc {
             stream: Mutex::new(Stream::default()),
             time_map: Mutex::new(TimeMapCache::default()),
             stale: Mutex::new(StaleFilter::default()),
+            delivery: Mutex::new(Delivery::default()),
+            frames_held: Mutex::new(Arc::default()),
+            frames_held_peak: AtomicUsize::new(0),
+            granted: AtomicU64::new(0),
+            warned_copy: AtomicBool::new(false),
             waker: Arc::new(Waker::new().expect("eventfd")),
             flushing: AtomicBool::new(false),
         }
@@ -142,7 +190,7 @@ impl ObjectImpl for BufShareSrc {
                     .build(),
                 glib::ParamSpecUInt64::builder("timeout")
                     .nick("Timeout (ms)")
-                    .blurb("Milliseconds that start (READY to PAUSED) waits in total for a producer to appear on the socket, complete the handshake and send its caps; past it the element fails with an error saying which of these it was waiting for. It does not bound the wait for frames once streaming. With on-disconnect=reconnect, start does not wait and this bounds each handshake instead.")
+                    .blurb("Milliseconds that start (READY to PAUSED) waits for a producer to appear on the socket and complete the handshake; past it the element fails with an error saying which of these it was waiting for. Start then waits up to the same deadline for the producer's caps, and a producer that has none yet (nothing negotiated) is waited for in PLAYING, without limit, as is every frame once streaming. With on-disconnect=reconnect, start does not wait and this bounds each handshake instead.")
                     .default_value(DEFAULT_TIMEOUT_MS)
                     .mutable_ready()
                     .build(),
@@ -151,6 +199,24 @@ impl ObjectImpl for BufShareSrc {
                     .blurb("What to do when the producer goes away (closes the socket or dies): error = fail with an error naming the socket; eos = push EOS downstream; reconnect = post a warning, keep the pipeline running, poll for a new producer on the same path every reconnect-interval and go on with its caps (the first buffer after it is marked DISCONT). With reconnect, the element also starts without a producer and waits for one. The producer's own EOS is always forwarded as EOS. A producer that breaks the protocol or refuses us is an error in every mode.")
                     .default_value(OnDisconnect::default())
                     .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder::<OnEos>("on-eos")
+                    .nick("On the producer's EOS")
+                    .blurb("What the producer's EOS does: forward = push EOS downstream (the stream ends); wait = end only that producer's stream: nothing is pushed, the pipeline keeps running, and when the producer leaves on-disconnect applies (with reconnect: go on with the next producer on the socket); auto (default) = wait with on-disconnect=reconnect, forward otherwise")
+                    .default_value(OnEos::default())
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-inflight")
+                    .nick("Frames to hold")
+                    .blurb("How many of the producer's frames this consumer asks to hold at once, for downstream elements that keep many frames (an encoder's lookahead, a deep queue). 0 (default): the producer's max-inflight. The producer caps it at its max-inflight-limit; stats says what it granted. When downstream holds more than the grant less 2, newer frames are copied into this process's memory (once each, counted in stats frames-copied, with one warning), so the producer gets its frames back and this consumer still gets every frame. Applies from the next connection.")
+                    .maximum(1024)
+                    .default_value(0)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("frames-received, frames-pushed, frames-skipped (frames the producer skipped for this consumer, from the gaps in frame ids; the next buffer is marked DISCONT), frames-dropped-stale (waited in the socket while we did not read), frames-dropped-late (earlier than a frame already pushed, e.g. left from before PAUSED), frames-copied (downstream held more than max-inflight allows), frames-held (producer frames held now) and frames-held-peak, max-inflight (what the producer granted; 0 before it said), reconnects, connected")
+                    .read_only()
                     .build(),
                 glib::ParamSpecUInt64::builder("reconnect-interval")
                     .nick("Reconnect interval (ms)")
@@ -181,6 +247,8 @@ impl ObjectImpl for BufShareSrc {
             "socket" => s.socket = value.get().expect("type checked upstream"),
             "timeout" => s.timeout_ms = value.get().expect("type checked upstream"),
             "on-disconnect" => s.on_disconnect = value.get().expect("type checked upstream"),
+            "on-eos" => s.on_eos = value.get().expect("type checked upstream"),
+            "max-inflight" => s.max_inflight = value.get().expect("type checked upstream"),
             "reconnect-interval" => {
                 s.reconnect_interval_ms = value.get().expect("type checked upstream")
             }
@@ -194,6 +262,12 @@ impl ObjectImpl for BufShareSrc {
             "socket" => s.socket.to_value(),
             "timeout" => s.timeout_ms.to_value(),
             "on-disconnect" => s.on_disconnect.to_value(),
+            "on-eos" => s.on_eos.to_value(),
+            "max-inflight" => s.max_inflight.to_value(),
+            "stats" => {
+                drop(s);
+                self.stats().to_value()
+            }
             "reconnect-interval" => s.reconnect_interval_ms.to_value(),
             "reconnects" => self
                 .connections
@@ -262,6 +336,9 @@ impl BufShareSrc {
                 gst::ResourceError::Read,
                 ("Socket {}: the producer went away", socket)
             ),
+            ReceiveError::Disconnected(_) => {
+                gst::error_msg!(gst::ResourceError::Read, ("Socket {}: {}", socket, e))
+            }
             ReceiveError::Refused(_) => {
                 gst::error_msg!(gst::ResourceError::OpenRead, ("Socket {}: {}", socket, e))
             }
@@ -296,16 +373,15 @@ impl BufShareSrc {
                 return Err(gst::FlowError::Flushing);
             }
             let handshake_deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
-            match Connection::try_connect(&path, handshake_deadline, self.waker.clone(), &flushing)
-            {
+            match Connection::try_connect(
+                &path,
+                handshake_deadline,
+                settings.max_inflight,
+                self.waker.clone(),
+                &flushing,
+            ) {
                 Ok(Attempt::Connected(conn)) => {
-                    let n = self.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                    self.connected.store(true, Ordering::SeqCst);
-                    link.connection = Some(conn);
-                    link.awaiting_caps = true;
-                    link.fresh = true;
-                    // A new producer's frames are judged on their own lateness.
-                    *self.stale.lock().unwrap() = StaleFilter::default();
+                    let n = self.adopt(link, conn);
                     if first {
                         gst::info!(
                             CAT,
@@ -339,7 +415,11 @@ impl BufShareSrc {
                 }
                 Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
                 // A producer going away again, or one too slow to say HELLO: try again.
-                Err(e @ (ReceiveError::ProducerGone | ReceiveError::Timeout(_))) => {
+                Err(
+                    e @ (ReceiveError::ProducerGone
+                    | ReceiveError::Disconnected(_)
+                    | ReceiveError::Timeout(_)),
+                ) => {
                     gst::warning!(CAT, imp = self, "connecting to {}: {}; retrying", socket, e);
                 }
                 Err(e) => {
@@ -376,8 +456,9 @@ impl BufShareSrc {
                     self,
                     gst::ResourceError::Read,
                     (
-                        "Socket {}: the producer went away; ending the stream (on-disconnect=eos)",
-                        socket
+                        "Socket {}: {}; ending the stream (on-disconnect=eos)",
+                        socket,
+                        e
                     )
                 );
                 Err(gst::FlowError::Eos)
@@ -386,11 +467,158 @@ impl BufShareSrc {
                 gst::element_imp_warning!(
                     self,
                     gst::ResourceError::Read,
-                    ("Socket {}: the producer went away; waiting for a new one (on-disconnect=reconnect)", socket)
+                    (
+                        "Socket {}: {}; waiting for a new one (on-disconnect=reconnect)",
+                        socket,
+                        e
+                    )
                 );
                 Ok(())
             }
         }
+    }
+
+    /// Takes `conn` as the current connection: its frames are judged afresh
+    /// (ids, staleness), its first buffer is DISCONT. Returns the number of
+    /// connections made since start.
+    fn adopt(&self, link: &mut Link, conn: Connection) -> u64 {
+        *self.frames_held.lock().unwrap() = conn.frames_held();
+        self.granted.store(0, Ordering::SeqCst);
+        link.connection = Some(conn);
+        link.awaiting_caps = true;
+        self.delivery.lock().unwrap().new_connection();
+        // A new producer's frames are judged on their own lateness.
+        *self.stale.lock().unwrap() = StaleFilter::default();
+        self.connected.store(true, Ordering::SeqCst);
+        self.connections.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn stats(&self) -> gst::Structure {
+        let c = self.delivery.lock().unwrap().counters;
+        let held = self.frames_held.lock().unwrap().load(Ordering::SeqCst) as u64;
+        gst::Structure::builder("application/x-bufshare-src-stats")
+            .field("frames-received", c.received)
+            .field("frames-pushed", c.pushed)
+            .field("frames-skipped", c.skipped_by_producer)
+            .field("frames-dropped-stale", c.dropped_stale)
+            .field("frames-dropped-late", c.dropped_late)
+            .field("frames-copied", c.copied)
+            .field("frames-held", held)
+            .field(
+                "frames-held-peak",
+                self.frames_held_peak.load(Ordering::SeqCst) as u64,
+            )
+            .field("max-inflight", self.granted.load(Ordering::SeqCst) as u32)
+            .field(
+                "reconnects",
+                self.connections.load(Ordering::SeqCst).saturating_sub(1),
+            )
+            .field("connected", self.connected.load(Ordering::SeqCst))
+            .build()
+    }
+
+    /// A frame goes downstream: timestamps mapped to our running time,
+    /// flags, metas, DISCONT where frames were missed, and a copy into our
+    /// own memory when downstream holds too many of the producer's frames.
+    /// None: it was dropped (stale, or late) and is released unseen.
+    fn deliver(
+        &self,
+        conn: &Connection,
+        buffer: gst::Buffer,
+        frame: &protocol::Frame,
+    ) -> Result<Option<gst::Buffer>, gst::FlowError> {
+        let time_map = self.time_map.lock().unwrap().get(self.obj().upcast_ref());
+        let order_time = [frame.dts, frame.pts]
+            .into_iter()
+            .find(|t| *t != protocol::NONE);
+        let held = conn.frames_held().load(Ordering::SeqCst);
+        let granted = conn.max_inflight();
+        if let Some(g) = granted {
+            self.granted.store(g.into(), Ordering::SeqCst);
+        }
+        let facts = FrameFacts {
+            frame_id: frame.frame_id,
+            // Only an exact map orders frames: one paired with another clock
+            // jitters, and a test clock does not advance.
+            time: order_time.and_then(|t| {
+                let map = time_map.filter(|m| m.exact)?;
+                Some(map.signed_running_time(t))
+            }),
+            stale: self
+                .stale
+                .lock()
+                .unwrap()
+                .is_stale(frame.pts, frame.duration),
+            needs_release: frame.needs_release(),
+            held,
+            max_inflight: granted,
+        };
+        let decision = self.delivery.lock().unwrap().decide(&facts);
+        self.frames_held_peak.fetch_max(held, Ordering::SeqCst);
+        let (copy, discont) = match decision {
+            Decision::Drop(why) => {
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "frame {} released unseen: {}",
+                    frame.frame_id,
+                    match why {
+                        DropReason::Stale => "it waited in the socket while we did not read",
+                        DropReason::Late => "its running time is before the last frame pushed",
+                    }
+                );
+                return Ok(None);
+            }
+            Decision::Push { copy, discont } => (copy, discont),
+        };
+        let mut buffer = if copy {
+            self.warn_copying(granted.unwrap_or(0));
+            copy_into_own_memory(&buffer)?
+        } else {
+            buffer
+        };
+        let running = |t: u64| -> Option<gst::ClockTime> {
+            (t != protocol::NONE)
+                .then_some(time_map)
+                .flatten()
+                .map(|m| gst::ClockTime::from_nseconds(m.to_running_time(t)))
+        };
+        let b = buffer.get_mut().ok_or(gst::FlowError::Error)?;
+        b.set_pts(running(frame.pts));
+        b.set_dts(running(frame.dts));
+        b.set_duration(
+            (frame.duration != protocol::NONE)
+                .then(|| gst::ClockTime::from_nseconds(frame.duration)),
+        );
+        b.set_offset(frame.offset);
+        b.set_offset_end(frame.offset_end);
+        let mut flags =
+            gst::BufferFlags::from_bits_truncate(frame.flags) - gst::BufferFlags::TAG_MEMORY;
+        if discont {
+            // Frames were missed (skipped by the producer, dropped here, or a new producer).
+            flags |= gst::BufferFlags::DISCONT;
+        }
+        b.set_flags(flags);
+        for warning in crate::metas::apply(b, &frame.metas) {
+            gst::warning!(CAT, imp = self, "{}", warning);
+        }
+        Ok(Some(buffer))
+    }
+
+    fn warn_copying(&self, granted: u32) {
+        if self.warned_copy.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let budget = super::delivery::zero_copy_budget(granted);
+        gst::element_imp_warning!(
+            self,
+            gst::ResourceError::NoSpaceLeft,
+            (
+                "Downstream holds more than {} of the producer's frames (the producer grants this consumer {}): copying newer frames into this process's memory so that the producer gets its frames back. Set max-inflight on bufsharesrc (up to the producer's max-inflight-limit) to hold more frames without copying.",
+                budget,
+                granted
+            )
+        );
     }
 
     fn socket_name(&self) -> String {
@@ -416,6 +644,9 @@ impl BaseSrcImpl for BufShareSrc {
         self.connected.store(false, Ordering::SeqCst);
         *self.stream.lock().unwrap() = Stream::default();
         *self.link.lock().unwrap() = Link::default();
+        self.delivery.lock().unwrap().reset();
+        self.frames_held_peak.store(0, Ordering::SeqCst);
+        self.warned_copy.store(false, Ordering::SeqCst);
         if settings.on_disconnect == OnDisconnect::Reconnect {
             // The producer may not exist yet: create() connects, and the caps
             // are negotiated when they come (a live source need not preroll).
@@ -433,30 +664,47 @@ impl BaseSrcImpl for BufShareSrc {
             let mut conn = Connection::connect(
                 &PathBuf::from(&socket),
                 deadline,
+                settings.max_inflight,
                 self.waker.clone(),
                 &flushing,
             )?;
-            // The producer sends CAPS first; wait for them within the same deadline.
-            match conn.next(Some(deadline), &flushing, "waiting for the producer's caps")? {
-                Incoming::Caps { caps, latency } => Ok((conn, self.parse_caps(&caps)?, latency)),
-                Incoming::Eos => Err(ReceiveError::Protocol(
+            // A producer that has negotiated sends CAPS first: take them now,
+            // so downstream negotiates before PLAYING. One that has not yet
+            // (nothing upstream of it has produced) is waited for in PLAYING.
+            match conn.next(Some(deadline), &flushing, "waiting for the producer's caps") {
+                Ok(Incoming::Caps { caps, latency }) => {
+                    Ok((conn, Some((self.parse_caps(&caps)?, latency))))
+                }
+                Ok(Incoming::Eos) => Err(ReceiveError::Protocol(
                     "producer ended the stream before sending caps".into(),
                 )),
-                Incoming::Frame(..) => Err(ReceiveError::Protocol(
+                Ok(Incoming::Frame(..)) => Err(ReceiveError::Protocol(
                     "producer sent a frame before caps".into(),
                 )),
+                Err(ReceiveError::Timeout(_)) => Ok((conn, None)),
+                Err(e) => Err(e),
             }
         })();
-        let (conn, caps, latency) = result.map_err(|e| self.error_for(&e, &socket))?;
-        gst::info!(CAT, imp = self, "connected to {}, caps {}", socket, caps);
-        *self.stream.lock().unwrap() = Stream {
-            caps: Some(caps),
-            pending_caps: None,
-            latency,
-        };
-        self.link.lock().unwrap().connection = Some(conn);
-        self.connections.store(1, Ordering::SeqCst);
-        self.connected.store(true, Ordering::SeqCst);
+        let (conn, caps) = result.map_err(|e| self.error_for(&e, &socket))?;
+        let mut link = self.link.lock().unwrap();
+        self.adopt(&mut link, conn);
+        match caps {
+            Some((caps, latency)) => {
+                gst::info!(CAT, imp = self, "connected to {}, caps {}", socket, caps);
+                link.awaiting_caps = false;
+                *self.stream.lock().unwrap() = Stream {
+                    caps: Some(caps),
+                    pending_caps: None,
+                    latency,
+                };
+            }
+            None => gst::info!(
+                CAT,
+                imp = self,
+                "connected to {}; the producer has no caps yet: waiting for them in PLAYING",
+                socket
+            ),
+        }
         Ok(())
     }
 
@@ -465,6 +713,7 @@ impl BaseSrcImpl for BufShareSrc {
         self.connected.store(false, Ordering::SeqCst);
         *self.stream.lock().unwrap() = Stream::default();
         *self.stale.lock().unwrap() = StaleFilter::default();
+        *self.frames_held.lock().unwrap() = Arc::default();
         Ok(())
     }
 
@@ -542,6 +791,7 @@ impl PushSrcImpl for BufShareSrc {
             }
             let conn = link.connection.as_mut().expect("connected");
             let incoming = conn.next(None, &flushing, "waiting for frames");
+            let conn = link.connection.as_ref().expect("connected");
             match incoming {
                 Ok(Incoming::Frame(..)) if link.awaiting_caps => {
                     link.connection = None;
@@ -551,52 +801,11 @@ impl PushSrcImpl for BufShareSrc {
                     self.post_error_message(self.error_for(&e, &self.socket_name()));
                     return Err(gst::FlowError::Error);
                 }
-                Ok(Incoming::Frame(buffer, frame))
-                    if self
-                        .stale
-                        .lock()
-                        .unwrap()
-                        .is_stale(frame.pts, frame.duration) =>
-                {
-                    gst::debug!(
-                        CAT,
-                        imp = self,
-                        "frame {} waited in the socket while we did not read: releasing it unseen",
-                        frame.frame_id
-                    );
-                    drop(buffer);
-                }
-                Ok(Incoming::Frame(mut buffer, frame)) => {
-                    let fresh = std::mem::take(&mut link.fresh);
-                    drop(link);
-                    let time_map = self.time_map.lock().unwrap().get(self.obj().upcast_ref());
-                    let running = |t: u64| -> Option<gst::ClockTime> {
-                        (t != protocol::NONE)
-                            .then_some(time_map)
-                            .flatten()
-                            .map(|m| gst::ClockTime::from_nseconds(m.to_running_time(t)))
-                    };
-                    let b = buffer.get_mut().expect("fresh buffer");
-                    b.set_pts(running(frame.pts));
-                    b.set_dts(running(frame.dts));
-                    b.set_duration(
-                        (frame.duration != protocol::NONE)
-                            .then(|| gst::ClockTime::from_nseconds(frame.duration)),
-                    );
-                    b.set_offset(frame.offset);
-                    b.set_offset_end(frame.offset_end);
-                    b.set_flags(
-                        gst::BufferFlags::from_bits_truncate(frame.flags)
-                            - gst::BufferFlags::TAG_MEMORY,
-                    );
-                    if fresh {
-                        // A new producer: its stream does not follow the last one's.
-                        b.set_flags(gst::BufferFlags::DISCONT);
+                Ok(Incoming::Frame(buffer, frame)) => {
+                    let delivered = self.deliver(conn, buffer, &frame)?;
+                    if let Some(buffer) = delivered {
+                        return Ok(CreateSuccess::NewBuffer(buffer));
                     }
-                    for warning in crate::metas::apply(b, &frame.metas) {
-                        gst::warning!(CAT, imp = self, "{}", warning);
-                    }
-                    return Ok(CreateSuccess::NewBuffer(buffer));
                 }
                 Ok(Incoming::Caps { caps, latency }) => {
                     link.awaiting_caps = false;
@@ -623,11 +832,28 @@ impl PushSrcImpl for BufShareSrc {
                     }
                 }
                 Ok(Incoming::Eos) => {
-                    gst::info!(CAT, imp = self, "producer sent EOS");
-                    return Err(gst::FlowError::Eos);
+                    if self.settings.lock().unwrap().eos_ends_stream() {
+                        gst::info!(CAT, imp = self, "producer sent EOS");
+                        return Err(gst::FlowError::Eos);
+                    }
+                    // on-eos=wait: only this producer's stream ended. Read on
+                    // until it leaves; then on-disconnect says what comes next.
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "producer sent EOS: waiting for it to leave (on-eos)"
+                    );
+                    gst::element_imp_info!(
+                        self,
+                        gst::ResourceError::Read,
+                        (
+                            "Socket {}: the producer ended its stream; waiting for the next producer (on-eos)",
+                            self.socket_name()
+                        )
+                    );
                 }
                 Err(ReceiveError::Flushing) => return Err(gst::FlowError::Flushing),
-                Err(e @ ReceiveError::ProducerGone) => {
+                Err(e @ (ReceiveError::ProducerGone | ReceiveError::Disconnected(_))) => {
                     self.producer_gone(&mut link, &e)?;
                 }
                 Err(e) => {
@@ -642,4 +868,19 @@ impl PushSrcImpl for BufShareSrc {
             }
         }
     }
+}
+
+/// A copy of `buffer`'s bytes in this process's memory (one memory); the
+/// caller sets timestamps, flags and metas on it. Dropping the original
+/// releases the producer's frame.
+fn copy_into_own_memory(buffer: &gst::Buffer) -> Result<gst::Buffer, gst::FlowError> {
+    let mut copy = gst::Buffer::with_size(buffer.size()).map_err(|_| gst::FlowError::Error)?;
+    {
+        let copy = copy.get_mut().ok_or(gst::FlowError::Error)?;
+        let mut map = copy.map_writable().map_err(|_| gst::FlowError::Error)?;
+        buffer
+            .copy_to_slice(0, &mut map[..])
+            .map_err(|_| gst::FlowError::Error)?;
+    }
+    Ok(copy)
 }

@@ -4,11 +4,13 @@
 //!
 //! `imp.rs` is the element; `receiver.rs` is one connection (handshake,
 //! imported memories, release back to the producer); `stale.rs` spots frames
-//! left in the socket while the consumer did not read.
+//! left in the socket while the consumer did not read; `delivery.rs` decides,
+//! frame by frame, whether to push, copy or drop (pure policy).
 
 use gst::glib;
 use gst::prelude::*;
 
+mod delivery;
 mod imp;
 pub mod receiver;
 mod stale;

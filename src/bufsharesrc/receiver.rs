@@ -22,6 +22,7 @@ use gst::glib;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,8 +42,10 @@ static FRAME_QUARK: LazyLock<glib::Quark> =
 pub enum ReceiveError {
     /// `timeout` passed; the text says waiting for what.
     Timeout(String),
-    /// The producer closed the connection.
+    /// The producer closed the connection (after everything it sent was read).
     ProducerGone,
+    /// The producer dropped us and said why (DISCONNECT).
+    Disconnected(String),
     /// The producer refused us, or speaks another version.
     Refused(String),
     /// The producer broke the protocol.
@@ -57,6 +60,7 @@ impl std::fmt::Display for ReceiveError {
         match self {
             ReceiveError::Timeout(what) => write!(f, "timed out {what}"),
             ReceiveError::ProducerGone => write!(f, "the producer went away"),
+            ReceiveError::Disconnected(why) => write!(f, "disconnected by the producer: {why}"),
             ReceiveError::Refused(r) => write!(f, "refused by the producer: {r}"),
             ReceiveError::Protocol(p) => write!(f, "protocol error from the producer: {p}"),
             ReceiveError::Io(e) => write!(f, "{e}"),
@@ -83,6 +87,12 @@ struct Releaser {
     channel: Arc<UnixChannel>,
     state: Mutex<ReleaseState>,
     waker: Arc<Waker>,
+    /// Frames received that name producer memory and are not released yet:
+    /// what the producer counts against this consumer's max-inflight.
+    held: Arc<AtomicUsize>,
+    /// The producer closed its end: releases have nowhere to go. What it sent
+    /// before it left is still read, in order, to the end.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -208,17 +218,42 @@ impl Releaser {
 
     /// Sends RELEASE messages for `frame_ids`. Ids the socket does not take
     /// are kept in `unsent`; answers whether any were, or the hard error.
+    /// Once the producer has closed its end, releases are dropped: the frames
+    /// and the EOS it sent before leaving are still read (see `closed`).
     fn send_release(&self, frame_ids: &[u64]) -> std::io::Result<bool> {
+        self.held.fetch_sub(
+            frame_ids.len().min(self.held.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        );
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let mut kept = false;
         for chunk in frame_ids.chunks(protocol::MAX_RELEASE_IDS) {
             let msg = protocol::encode(&Message::Release {
                 frame_ids: chunk.to_vec(),
             });
-            if let Err(e) = self.channel.send(&msg, &[]) {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.unsent.extend_from_slice(chunk);
-                kept = true;
-                if e.kind() != std::io::ErrorKind::WouldBlock {
+            match self.channel.send(&msg, &[]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.unsent.extend_from_slice(chunk);
+                    kept = true;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The producer is gone; the receiving thread learns it
+                    // when it has read everything the producer sent.
+                    self.closed.store(true, Ordering::SeqCst);
+                    return Ok(false);
+                }
+                Err(e) => {
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.unsent.extend_from_slice(chunk);
                     return Err(e);
                 }
             }
@@ -232,7 +267,8 @@ impl Releaser {
         if st.waiting.is_empty() && st.unsent.is_empty() {
             return Ok(());
         }
-        let mut ready = std::mem::take(&mut st.unsent);
+        let unsent = std::mem::take(&mut st.unsent);
+        let mut ready = Vec::new();
         let mut released_roots = Vec::new();
         for (frame_id, roots) in std::mem::take(&mut st.waiting) {
             if st.clean(&roots, None) {
@@ -246,7 +282,17 @@ impl Releaser {
         drop(st);
         drop(released_roots);
         self.send_release(&ready)?;
+        self.resend(&unsent)?;
         Ok(())
+    }
+
+    /// Sends ids that were counted as released already but did not fit.
+    fn resend(&self, unsent: &[u64]) -> std::io::Result<()> {
+        if unsent.is_empty() {
+            return Ok(());
+        }
+        self.held.fetch_add(unsent.len(), Ordering::SeqCst);
+        self.send_release(unsent).map(|_| ())
     }
 
     fn has_waiting(&self) -> bool {
@@ -266,6 +312,8 @@ pub enum Attempt {
 /// One connection to a producer.
 pub struct Connection {
     channel: Arc<UnixChannel>,
+    /// Frames the producer lets us hold at once (MAX_INFLIGHT), once it said.
+    max_inflight: Option<u32>,
     imports: HashMap<u64, Import>,
     releaser: Arc<Releaser>,
     waker: Arc<Waker>,
@@ -278,11 +326,12 @@ impl Connection {
     pub fn connect(
         path: &Path,
         deadline: Instant,
+        max_inflight: u32,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Connection, ReceiveError> {
         loop {
-            match Self::try_connect(path, deadline, waker.clone(), flushing)? {
+            match Self::try_connect(path, deadline, max_inflight, waker.clone(), flushing)? {
                 Attempt::Connected(conn) => return Ok(conn),
                 Attempt::NoProducer(e) => {
                     if flushing() {
@@ -302,10 +351,12 @@ impl Connection {
 
     /// One connection attempt: when a producer listens on `path`, connects
     /// and completes the handshake by `handshake_deadline`. The element's
-    /// reconnect mode calls this at its own pace.
+    /// reconnect mode calls this at its own pace. `max_inflight` is how many
+    /// frames we ask to hold at once (0: the producer's default).
     pub fn try_connect(
         path: &Path,
         handshake_deadline: Instant,
+        max_inflight: u32,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Attempt, ReceiveError> {
@@ -330,9 +381,12 @@ impl Connection {
             channel: channel.clone(),
             state: Mutex::new(ReleaseState::default()),
             waker: waker.clone(),
+            held: Arc::new(AtomicUsize::new(0)),
+            closed: AtomicBool::new(false),
         });
         let mut conn = Connection {
             channel,
+            max_inflight: None,
             imports: HashMap::new(),
             releaser,
             waker,
@@ -343,11 +397,16 @@ impl Connection {
             role: Role::Consumer,
             features: 0,
         }));
-        if let Err(e) = conn.channel.send(&hello, &[]) {
-            // A producer that refused us may already have closed; its REFUSE
-            // is still waiting to be read, and says why.
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                return Err(ReceiveError::Io(e));
+        let ask = protocol::encode(&Message::MaxInflight {
+            frames: max_inflight,
+        });
+        for msg in [&hello, &ask] {
+            if let Err(e) = conn.channel.send(msg, &[]) {
+                // A producer that refused us may already have closed; its REFUSE
+                // is still waiting to be read, and says why.
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(ReceiveError::Io(e));
+                }
             }
         }
         match conn.recv_message(Some(deadline), flushing, "waiting for the producer's HELLO")? {
@@ -384,7 +443,12 @@ impl Connection {
                 Ok(Received::Closed) => return Err(ReceiveError::ProducerGone),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err(ReceiveError::ProducerGone)
+                    // The producer closed with our RELEASEs unread. The kernel
+                    // reports that once, before the messages it sent us that
+                    // are still queued: read those (frames, caps, EOS, the
+                    // reason it dropped us) to the end before calling it gone.
+                    self.releaser.closed.store(true, Ordering::SeqCst);
+                    continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     return Err(ReceiveError::Protocol(e.to_string()))
@@ -407,13 +471,21 @@ impl Connection {
         }
     }
 
+    /// Sends releases that were waiting. A producer that has gone is not an
+    /// error here: what it sent before it left is read first.
     fn flush_releases(&self) -> Result<(), ReceiveError> {
-        self.releaser.flush().map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                ReceiveError::ProducerGone
-            }
-            _ => ReceiveError::Io(e),
-        })
+        self.releaser.flush().map_err(ReceiveError::Io)
+    }
+
+    /// Frames the producer lets us hold at once, once it has said (MAX_INFLIGHT).
+    pub fn max_inflight(&self) -> Option<u32> {
+        self.max_inflight
+    }
+
+    /// Frames received that name producer memory and are not released yet,
+    /// kept up to date by whichever thread releases them.
+    pub fn frames_held(&self) -> Arc<AtomicUsize> {
+        self.releaser.held.clone()
     }
 
     /// The next caps, frame or EOS. Registrations and forgets are handled here.
@@ -444,6 +516,8 @@ impl Connection {
                 }
                 Message::Eos => return Ok(Incoming::Eos),
                 Message::Refuse { reason } => return Err(ReceiveError::Refused(reason)),
+                Message::Disconnect { reason } => return Err(ReceiveError::Disconnected(reason)),
+                Message::MaxInflight { frames } => self.max_inflight = Some(frames),
                 other => {
                     return Err(ReceiveError::Protocol(format!(
                         "producer sent {} after the handshake",
@@ -566,6 +640,9 @@ impl Connection {
         let mut st = self.releaser.state.lock().unwrap();
         for r in &roots {
             st.add(r.as_ptr() as usize);
+        }
+        if !roots.is_empty() {
+            self.releaser.held.fetch_add(1, Ordering::SeqCst);
         }
         let guard = (!roots.is_empty()).then(|| {
             Arc::new(FrameGuard {
