@@ -633,19 +633,22 @@ impl BufShareSink {
             metas,
         };
         let mut frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
-        if frame_bytes.len() > protocol::MAX_MESSAGE_LEN {
-            // Only custom metas can grow this large; a frame without them still goes.
+        if frame_bytes.len() > protocol::MAX_MESSAGE_LEN || frame.metas.len() > protocol::MAX_METAS
+        {
+            // Optional metas go, biggest first; video and audio metas stay.
+            let dropped = frame.drop_metas_to_fit(protocol::MAX_MESSAGE_LEN);
+            let names: Vec<String> = dropped.iter().map(|m| m.name()).collect();
             gst::warning!(
                 CAT,
                 imp = self,
-                "frame {} with its metas is {} bytes, over the {} byte message limit: dropping its custom metas",
+                "frame {} with its {} metas is {} bytes, over the limit of {} metas or {} bytes: dropping {}",
                 frame_id,
+                frame.metas.len() + dropped.len(),
                 frame_bytes.len(),
-                protocol::MAX_MESSAGE_LEN
+                protocol::MAX_METAS,
+                protocol::MAX_MESSAGE_LEN,
+                names.join(", ")
             );
-            frame
-                .metas
-                .retain(|m| !matches!(m, protocol::Meta::Custom { .. }));
             frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
         }
         Ok(Outgoing {

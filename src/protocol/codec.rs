@@ -19,6 +19,13 @@ const MEM_INLINE: u32 = 2;
 
 const META_VIDEO: u16 = 1;
 const META_CUSTOM: u16 = 2;
+const META_AUDIO: u16 = 3;
+const META_ROI: u16 = 4;
+const META_TIME_CODE: u16 = 5;
+const META_REFERENCE_TIMESTAMP: u16 = 6;
+
+/// Bytes of the fixed FRAME fields, before memories and metas.
+const FRAME_FIXED_LEN: usize = 56;
 
 /// Why a datagram could not be decoded. Each names the fault, for the warning
 /// that goes with dropping the peer.
@@ -191,35 +198,108 @@ fn encode_frame(w: &mut Writer, fr: &Frame) {
         }
     }
     for meta in &fr.metas {
-        let mut body = Writer(Vec::new());
-        let kind = match meta {
-            Meta::Video(v) => {
-                body.u32(v.format);
-                body.u32(v.flags);
-                body.u32(v.width);
-                body.u32(v.height);
-                body.u32(v.offsets.len() as u32);
-                for (o, s) in v.offsets.iter().zip(&v.strides) {
-                    body.u64(*o);
-                    body.u32(*s as u32);
-                }
-                META_VIDEO
-            }
-            Meta::Custom { name, structure } => {
-                body.string(name);
-                body.string(structure);
-                META_CUSTOM
-            }
-            Meta::Unknown { kind, data } => {
-                body.bytes(data);
-                *kind
-            }
-        };
-        w.u16(kind);
-        w.u16(0);
-        w.u32(body.0.len() as u32);
-        w.bytes(&body.0);
+        encode_meta(w, meta);
     }
+}
+
+/// Appends one meta record (TLV header and body).
+fn encode_meta(w: &mut Writer, meta: &Meta) {
+    let mut body = Writer(Vec::new());
+    let kind = match meta {
+        Meta::Video(v) => {
+            body.u32(v.format);
+            body.u32(v.flags);
+            body.u32(v.width);
+            body.u32(v.height);
+            body.u32(v.offsets.len() as u32);
+            for (o, s) in v.offsets.iter().zip(&v.strides) {
+                body.u64(*o);
+                body.u32(*s as u32);
+            }
+            META_VIDEO
+        }
+        Meta::Custom { name, structure } => {
+            body.string(name);
+            body.string(structure);
+            META_CUSTOM
+        }
+        Meta::Audio(a) => {
+            body.u32(a.format);
+            body.u32(a.layout);
+            body.u32(a.flags);
+            body.u32(a.rate);
+            body.u32(a.channels);
+            body.u64(a.samples);
+            body.u32(a.positions.len() as u32);
+            for p in &a.positions {
+                body.u32(*p as u32);
+            }
+            body.u32(a.offsets.len() as u32);
+            for o in &a.offsets {
+                body.u64(*o);
+            }
+            META_AUDIO
+        }
+        Meta::Roi(r) => {
+            body.string(&r.roi_type);
+            body.u32(r.id as u32);
+            body.u32(r.parent_id as u32);
+            body.u32(r.x);
+            body.u32(r.y);
+            body.u32(r.w);
+            body.u32(r.h);
+            body.u32(r.params.len() as u32);
+            for p in &r.params {
+                body.string(p);
+            }
+            META_ROI
+        }
+        Meta::TimeCode(t) => {
+            body.u32(t.fps_n);
+            body.u32(t.fps_d);
+            body.u32(t.flags);
+            body.u32(t.hours);
+            body.u32(t.minutes);
+            body.u32(t.seconds);
+            body.u32(t.frames);
+            body.u32(t.field_count);
+            body.string(&t.latest_daily_jam);
+            META_TIME_CODE
+        }
+        Meta::ReferenceTimestamp(r) => {
+            body.u64(r.timestamp);
+            body.u64(r.duration);
+            body.string(&r.reference);
+            META_REFERENCE_TIMESTAMP
+        }
+        Meta::Unknown { kind, data } => {
+            body.bytes(data);
+            *kind
+        }
+    };
+    w.u16(kind);
+    w.u16(0);
+    w.u32(body.0.len() as u32);
+    w.bytes(&body.0);
+}
+
+/// Bytes that `meta` takes in a FRAME, its TLV header included.
+pub(super) fn meta_record_len(meta: &Meta) -> usize {
+    let mut w = Writer(Vec::new());
+    encode_meta(&mut w, meta);
+    w.0.len()
+}
+
+/// Bytes of the datagram [`encode`] makes of FRAME `fr`, header included.
+pub(super) fn encoded_len(fr: &Frame) -> usize {
+    let memories: usize = (fr.memories.iter())
+        .map(|m| match m {
+            MemoryRef::Registered { .. } => 28,
+            MemoryRef::Inline(data) => 8 + data.len(),
+        })
+        .sum();
+    let metas: usize = fr.metas.iter().map(meta_record_len).sum();
+    HEADER_LEN + FRAME_FIXED_LEN + memories + metas
 }
 
 /// Decodes one datagram that arrived with `received_fds` file descriptors.
@@ -425,6 +505,103 @@ fn decode_meta(kind: u16, data: &[u8]) -> Result<Meta, DecodeError> {
             let structure = r.string("structure")?;
             r.finish()?;
             Ok(Meta::Custom { name, structure })
+        }
+        META_AUDIO => {
+            let mut r = Reader::new(data, "audio meta");
+            let format = r.u32("format")?;
+            let layout = r.u32("layout")?;
+            let flags = r.u32("flags")?;
+            let rate = r.u32("rate")?;
+            let channels = r.u32("channels")?;
+            if channels == 0 || channels as usize > MAX_AUDIO_CHANNELS {
+                return Err(r.bad("channels", channels as u64));
+            }
+            let samples = r.u64("samples")?;
+            // Each list is empty or has one entry per channel.
+            let n = r.u32("position count")?;
+            if n != 0 && n != channels {
+                return Err(r.bad("position count", n as u64));
+            }
+            let mut positions = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                positions.push(r.u32("position")? as i32);
+            }
+            let n = r.u32("offset count")?;
+            if n != 0 && n != channels {
+                return Err(r.bad("offset count", n as u64));
+            }
+            let mut offsets = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                offsets.push(r.u64("channel offset")?);
+            }
+            r.finish()?;
+            Ok(Meta::Audio(AudioMeta {
+                format,
+                layout,
+                flags,
+                rate,
+                channels,
+                samples,
+                positions,
+                offsets,
+            }))
+        }
+        META_ROI => {
+            let mut r = Reader::new(data, "region of interest meta");
+            let roi_type = r.string("roi_type")?;
+            let id = r.u32("id")? as i32;
+            let parent_id = r.u32("parent_id")? as i32;
+            let x = r.u32("x")?;
+            let y = r.u32("y")?;
+            let w = r.u32("w")?;
+            let h = r.u32("h")?;
+            let n = r.u32("param count")? as usize;
+            if n > MAX_ROI_PARAMS {
+                return Err(r.too_many("params", n, MAX_ROI_PARAMS));
+            }
+            let mut params = Vec::with_capacity(n);
+            for _ in 0..n {
+                params.push(r.string("param")?);
+            }
+            r.finish()?;
+            Ok(Meta::Roi(RoiMeta {
+                roi_type,
+                id,
+                parent_id,
+                x,
+                y,
+                w,
+                h,
+                params,
+            }))
+        }
+        META_TIME_CODE => {
+            let mut r = Reader::new(data, "time code meta");
+            let tc = TimeCodeMeta {
+                fps_n: r.u32("fps_n")?,
+                fps_d: r.u32("fps_d")?,
+                flags: r.u32("flags")?,
+                hours: r.u32("hours")?,
+                minutes: r.u32("minutes")?,
+                seconds: r.u32("seconds")?,
+                frames: r.u32("frames")?,
+                field_count: r.u32("field_count")?,
+                latest_daily_jam: r.string("latest_daily_jam")?,
+            };
+            r.finish()?;
+            Ok(Meta::TimeCode(tc))
+        }
+        META_REFERENCE_TIMESTAMP => {
+            let mut r = Reader::new(data, "reference timestamp meta");
+            let timestamp = r.u64("timestamp")?;
+            let duration = r.u64("duration")?;
+            let reference = r.string("reference")?;
+            r.finish()?;
+            Ok(Meta::ReferenceTimestamp(ReferenceTimestampMeta {
+                reference,
+                timestamp,
+                duration,
+            }))
         }
         kind => Ok(Meta::Unknown {
             kind,

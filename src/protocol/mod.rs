@@ -43,6 +43,10 @@ pub const MAX_REGISTERED_MEMORIES: usize = 1024;
 pub const MAX_RELEASE_IDS: usize = 1024;
 /// Most planes in a video meta (GST_VIDEO_MAX_PLANES).
 pub const MAX_PLANES: usize = 4;
+/// Most channels in an audio meta (the size of GstAudioInfo's position array).
+pub const MAX_AUDIO_CHANNELS: usize = 64;
+/// Most parameter structures in one region-of-interest meta.
+pub const MAX_ROI_PARAMS: usize = 32;
 /// Value of a timestamp, duration or offset field that means "none".
 pub const NONE: u64 = u64::MAX;
 
@@ -103,11 +107,80 @@ pub struct VideoMeta {
     pub strides: Vec<i32>,
 }
 
+/// GstAudioMeta: the audio format of the buffer and, for planar
+/// (non-interleaved) audio, where each channel's plane starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioMeta {
+    /// GstAudioFormat numeric value.
+    pub format: u32,
+    /// GstAudioLayout: 0 interleaved, 1 non-interleaved.
+    pub layout: u32,
+    /// GstAudioFlags bits.
+    pub flags: u32,
+    pub rate: u32,
+    /// 1 ..= MAX_AUDIO_CHANNELS.
+    pub channels: u32,
+    /// Samples per channel in the buffer.
+    pub samples: u64,
+    /// GstAudioChannelPosition per channel, or empty (unpositioned).
+    pub positions: Vec<i32>,
+    /// Byte offset of each channel's plane in the buffer, or empty (interleaved).
+    pub offsets: Vec<u64>,
+}
+
+/// GstVideoRegionOfInterestMeta: a rectangle of the frame with a type, ids and
+/// parameter structures (detections, classifications...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoiMeta {
+    /// The roi_type quark, as its string.
+    pub roi_type: String,
+    pub id: i32,
+    pub parent_id: i32,
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+    /// Each parameter GstStructure serialized as a string; at most MAX_ROI_PARAMS.
+    pub params: Vec<String>,
+}
+
+/// GstVideoTimeCodeMeta: a GstVideoTimeCode, field by field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeCodeMeta {
+    pub fps_n: u32,
+    pub fps_d: u32,
+    /// GstVideoTimeCodeFlags bits.
+    pub flags: u32,
+    pub hours: u32,
+    pub minutes: u32,
+    pub seconds: u32,
+    pub frames: u32,
+    pub field_count: u32,
+    /// The config's latest daily jam as ISO 8601 (`g_date_time_format_iso8601`),
+    /// or empty when there is none.
+    pub latest_daily_jam: String,
+}
+
+/// GstReferenceTimestampMeta: a timestamp on some reference clock, carried
+/// verbatim (not converted like the frame's own timestamps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceTimestampMeta {
+    /// The reference caps (e.g. `timestamp/x-ntp`), serialized as a string.
+    pub reference: String,
+    pub timestamp: u64,
+    /// ns, or NONE.
+    pub duration: u64,
+}
+
 /// A meta that travels with a frame. Unknown kinds are skipped by receivers,
 /// so new kinds can be added without a version change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Meta {
     Video(VideoMeta),
+    Audio(AudioMeta),
+    Roi(RoiMeta),
+    TimeCode(TimeCodeMeta),
+    ReferenceTimestamp(ReferenceTimestampMeta),
     /// A GstCustomMeta: its registered name and its structure serialized as a string.
     Custom {
         name: String,
@@ -118,6 +191,28 @@ pub enum Meta {
         kind: u16,
         data: Vec<u8>,
     },
+}
+
+impl Meta {
+    /// The GStreamer meta this stands for, for logs.
+    pub fn name(&self) -> String {
+        match self {
+            Meta::Video(_) => "GstVideoMeta".into(),
+            Meta::Audio(_) => "GstAudioMeta".into(),
+            Meta::Roi(_) => "GstVideoRegionOfInterestMeta".into(),
+            Meta::TimeCode(_) => "GstVideoTimeCodeMeta".into(),
+            Meta::ReferenceTimestamp(_) => "GstReferenceTimestampMeta".into(),
+            Meta::Custom { name, .. } => format!("custom meta {name}"),
+            Meta::Unknown { kind, .. } => format!("meta of kind {kind}"),
+        }
+    }
+
+    /// Whether the buffer can be used without this meta. Video and audio metas
+    /// say where the data is (plane offsets): without them a consumer reads
+    /// the bytes wrongly, so they are never dropped to make a frame fit.
+    pub fn is_optional(&self) -> bool {
+        !matches!(self, Meta::Video(_) | Meta::Audio(_))
+    }
 }
 
 /// One buffer.
@@ -139,6 +234,41 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Drops optional metas ([`Meta::is_optional`]), biggest encoding first,
+    /// until the FRAME has at most [`MAX_METAS`] metas and its datagram is at
+    /// most `max_len` bytes. Returns what it dropped; the metas left keep their
+    /// order. The frame may still be too big if its required part is.
+    pub fn drop_metas_to_fit(&mut self, max_len: usize) -> Vec<Meta> {
+        let mut len = codec::encoded_len(self);
+        let mut sizes: Vec<(usize, usize)> = (self.metas.iter().enumerate())
+            .filter(|(_, m)| m.is_optional())
+            .map(|(i, m)| (codec::meta_record_len(m), i))
+            .collect();
+        // Biggest first; among equals, the last one first.
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mut drop = vec![false; self.metas.len()];
+        let mut count = self.metas.len();
+        for (size, i) in sizes {
+            if len <= max_len && count <= MAX_METAS {
+                break;
+            }
+            drop[i] = true;
+            len -= size;
+            count -= 1;
+        }
+        let mut dropped = Vec::new();
+        let mut kept = Vec::with_capacity(count);
+        for (meta, d) in std::mem::take(&mut self.metas).into_iter().zip(drop) {
+            if d {
+                dropped.push(meta);
+            } else {
+                kept.push(meta);
+            }
+        }
+        self.metas = kept;
+        dropped
+    }
+
     /// Whether the consumer must send RELEASE for this frame: only frames that
     /// refer to registered memory hold anything on the producer side.
     pub fn needs_release(&self) -> bool {

@@ -73,6 +73,33 @@ mod mk {
         Meta::Custom { name: name.into(), structure: structure.into() }
     }
     pub fn unknown(kind: u16, data: &[u8]) -> Meta { Meta::Unknown { kind, data: data.to_vec() } }
+    /// F32LE (28) planar audio at 48 kHz, 1024 samples, `channels` channels at
+    /// front-left, front-right, ... with planes 4096 bytes apart.
+    pub fn audio(channels: u32, positioned: bool, planar: bool) -> Meta {
+        let positions = if positioned { (0..channels as i32).collect() } else { vec![] };
+        let offsets = if planar { (0..channels as u64).map(|i| i * 4096).collect() } else { vec![] };
+        let (format, layout, flags, rate, samples) = (28, planar as u32, 0, 48000, 1024);
+        Meta::Audio(AudioMeta { format, layout, flags, rate, channels, samples, positions, offsets })
+    }
+    /// A "face" at (10, 20) 30x40, id 1, no parent (-1), with `params`.
+    pub fn roi(params: &[&str]) -> Meta {
+        let params = params.iter().map(|p| p.to_string()).collect();
+        let (roi_type, id, parent_id) = ("face".to_string(), 1, -1);
+        Meta::Roi(RoiMeta { roi_type, id, parent_id, x: 10, y: 20, w: 30, h: 40, params })
+    }
+    /// 10:20:30;04 at 30000/1001 drop-frame, with `jam` as latest daily jam.
+    pub fn time_code(jam: &str) -> Meta {
+        let (fps_n, fps_d, flags, field_count) = (30000, 1001, 1, 0);
+        let (hours, minutes, seconds, frames) = (10, 20, 30, 4);
+        let latest_daily_jam = jam.to_string();
+        Meta::TimeCode(TimeCodeMeta {
+            fps_n, fps_d, flags, hours, minutes, seconds, frames, field_count, latest_daily_jam,
+        })
+    }
+    pub fn reference(reference: &str, timestamp: u64, duration: u64) -> Meta {
+        let reference = reference.to_string();
+        Meta::ReferenceTimestamp(ReferenceTimestampMeta { reference, timestamp, duration })
+    }
     type S = &'static str;
     pub fn trunc(kind: S, field: S) -> DecodeError { Truncated { kind, field } }
     pub fn bad(kind: S, field: S, value: u64) -> DecodeError { BadValue { kind, field, value } }
@@ -111,6 +138,155 @@ const FRAME: &str = "0600 0000 ae000000 | 0100000000000000 00ca9a3b00000000 ffff
     | 0100 0000 2c000000 02000000 00000000 40000000 30000000 02000000
       0000000000000000 40000000 000c000000000000 40000000
     | 0200 0000 0b000000 01000000 6e 02000000 733b | 3412 0000 01000000 09";
+
+// Golden meta records (TLV header | body) of kinds 3 to 6, as they follow
+// FRAME's fixed fields; docs/protocol.md shows them.
+const AUDIO_RECORD: &str = "0300 0000 3c000000 | 1c000000 01000000 00000000 80bb0000 02000000
+    0004000000000000 | 02000000 00000000 01000000 | 02000000 0000000000000000 0010000000000000";
+const ROI_RECORD: &str = "0400 0000 34000000 | 04000000 66616365 | 01000000 ffffffff
+    0a000000 14000000 1e000000 28000000 | 01000000 0c000000 612c20623d28696e7429313b";
+const TIME_CODE_RECORD: &str = "0500 0000 24000000 | 30750000 e9030000 01000000
+    0a000000 14000000 1e000000 04000000 00000000 | 00000000";
+const REFERENCE_RECORD: &str = "0600 0000 23000000 | 0807060504030201 ffffffffffffffff
+    0f000000 74696d657374616d702f782d6e7470";
+
+/// The bytes of the only meta record of a FRAME without memories.
+fn meta_record(meta: Meta) -> Vec<u8> {
+    let enc = round_trip(&frame(vec![], vec![meta]), 6);
+    enc[HEADER_LEN + 56..].to_vec()
+}
+
+#[test]
+#[rustfmt::skip]
+fn golden_meta_records() {
+    assert_eq!(meta_record(audio(2, true, true)), hex(AUDIO_RECORD));
+    assert_eq!(meta_record(roi(&["a, b=(int)1;"])), hex(ROI_RECORD));
+    assert_eq!(meta_record(time_code("")), hex(TIME_CODE_RECORD));
+    let r = reference("timestamp/x-ntp", 0x0102_0304_0506_0708, NONE);
+    assert_eq!(meta_record(r), hex(REFERENCE_RECORD));
+}
+
+#[test]
+#[rustfmt::skip]
+fn new_meta_kinds_round_trip() {
+    for (channels, positioned, planar) in [(1, false, false), (1, true, true), (64, true, true), (8, false, true), (6, true, false)] {
+        meta_record(audio(channels, positioned, planar));
+    }
+    let mut a = audio(2, true, true);
+    if let Meta::Audio(a) = &mut a {
+        (a.format, a.layout, a.flags, a.rate, a.samples) = (u32::MAX, u32::MAX, u32::MAX, u32::MAX, u64::MAX);
+        a.positions = vec![-3, i32::MAX];
+        a.offsets = vec![u64::MAX, 0];
+    }
+    meta_record(a);
+    meta_record(roi(&[]));
+    let many: Vec<String> = (0..MAX_ROI_PARAMS).map(|i| format!("p{i}, v=(uint){i};")).collect();
+    meta_record(roi(&many.iter().map(|p| p.as_str()).collect::<Vec<_>>()));
+    let mut r = roi(&["", "\u{e9}t\u{e9}"]);
+    if let Meta::Roi(r) = &mut r {
+        (r.roi_type, r.id, r.parent_id) = (String::new(), i32::MIN, i32::MAX);
+    }
+    meta_record(r);
+    meta_record(time_code("2024-05-06T07:08:09.123456+02:00"));
+    let mut t = time_code("x");
+    if let Meta::TimeCode(t) = &mut t {
+        (t.fps_n, t.fps_d, t.flags, t.hours, t.field_count) = (u32::MAX, 0, u32::MAX, 99, 2);
+    }
+    meta_record(t);
+    meta_record(reference("", 0, 0));
+    meta_record(reference("timestamp/x-unix", NONE, 1));
+    // All kinds together, in any order, among the old ones.
+    let metas = vec![
+        reference("a", 1, 2), video(2, 0, 64), time_code(""), audio(2, true, true),
+        custom("n", "s;"), roi(&["a;"]), unknown(7, &[1, 2]),
+    ];
+    round_trip(&frame(vec![reg(1, 0, 8)], metas), 6);
+}
+
+#[test]
+#[rustfmt::skip]
+fn new_meta_kind_errors() {
+    let body = |record: &str| [&[0u8; 52][..], &hex("0000 0100"), &hex(record)].concat();
+    let check = |record: &str, err: DecodeError| fails(&dgram(6, 0, &body(record)), 0, err);
+    // Audio: channel count 0 or above 64, lists neither empty nor one per channel.
+    check("0300 0000 14000000 | 00000000 00000000 00000000 00000000 00000000", bad("audio meta", "channels", 0));
+    check("0300 0000 14000000 | 00000000 00000000 00000000 00000000 41000000", bad("audio meta", "channels", 65));
+    check("0300 0000 20000000 | 1c000000 00000000 00000000 80bb0000 02000000 0000000000000000 01000000",
+        bad("audio meta", "position count", 1));
+    check("0300 0000 24000000 | 1c000000 00000000 00000000 80bb0000 02000000 0000000000000000
+        00000000 03000000", bad("audio meta", "offset count", 3));
+    // A position count of u32::MAX is refused before anything is read or allocated.
+    check("0300 0000 20000000 | 1c000000 00000000 00000000 80bb0000 02000000 0000000000000000 ffffffff",
+        bad("audio meta", "position count", u32::MAX as u64));
+    let a = hex(AUDIO_RECORD);
+    let cut = |n: usize| [&a[..4], &((n - 8) as u32).to_le_bytes(), &a[8..n]].concat();
+    let cuts = [(8, "format"), (27, "channels"), (35, "samples"), (38, "position count"),
+        (44, "position"), (50, "offset count"), (60, "channel offset"), (67, "channel offset")];
+    for (n, field) in cuts {
+        let b = [&[0u8; 52][..], &hex("0000 0100"), &cut(n)].concat();
+        fails(&dgram(6, 0, &b), 0, trunc("audio meta", field));
+    }
+    let mut long = a.clone();
+    long[4] += 1;
+    long.push(0);
+    let b = [&[0u8; 52][..], &hex("0000 0100"), &long].concat();
+    fails(&dgram(6, 0, &b), 0, trailing("audio meta", 1));
+    // ROI: too many params (checked before reading them), bad UTF-8, cut.
+    let kind = "region of interest meta";
+    check("0400 0000 20000000 | 00000000 00000000 00000000 00000000 00000000 00000000 00000000 21000000",
+        too_many(kind, "params", MAX_ROI_PARAMS + 1, MAX_ROI_PARAMS));
+    check("0400 0000 20000000 | 00000000 00000000 00000000 00000000 00000000 00000000 00000000 ffffffff",
+        too_many(kind, "params", u32::MAX as usize, MAX_ROI_PARAMS));
+    check("0400 0000 05000000 | 01000000 ff", utf8(kind, "roi_type"));
+    check("0400 0000 19000000 | 00000000 00000000 00000000 00000000 00000000 00000000 01",
+        trunc(kind, "h"));
+    check("0400 0000 25000000 | 00000000 00000000 00000000 00000000 00000000 00000000 00000000 01000000
+        01000000 c3", utf8(kind, "param"));
+    check("0400 0000 24000000 | 00000000 00000000 00000000 00000000 00000000 00000000 00000000 01000000
+        02000000", trunc(kind, "param"));
+    // Time code: cut before and inside the daily jam, trailing bytes.
+    let t = &TIME_CODE_RECORD[..TIME_CODE_RECORD.len() - 10];
+    check(&t.replace("24000000", "20000000"), trunc("time code meta", "latest_daily_jam"));
+    check(&format!("{} 05000000 61", t.replace("24000000", "25000000")), trunc("time code meta", "latest_daily_jam"));
+    check(&format!("{} 00000000 00", t.replace("24000000", "25000000")), trailing("time code meta", 1));
+    check("0500 0000 03000000 | 000000", trunc("time code meta", "fps_n"));
+    // Reference timestamp.
+    let kind = "reference timestamp meta";
+    check("0600 0000 0f000000 | 0000000000000000 00000000000000", trunc(kind, "duration"));
+    check("0600 0000 15000000 | 0000000000000000 0000000000000000 01000000 80", utf8(kind, "reference"));
+    check("0600 0000 10000000 | 0000000000000000 0000000000000000", trunc(kind, "reference"));
+}
+
+#[test]
+#[rustfmt::skip]
+fn optional_metas_are_dropped_biggest_first_to_fit() {
+    let big = |n: usize| custom("big", &"x".repeat(n));
+    let metas = vec![
+        video(1, 0, 64), big(30_000), roi(&["a;"]), audio(2, true, true), big(40_000),
+        time_code(""), reference("r", 1, 2),
+    ];
+    let Message::Frame(mut f) = frame(vec![reg(1, 0, 8)], metas.clone()) else { unreachable!() };
+    assert!(encode(&Message::Frame(f.clone())).len() > MAX_MESSAGE_LEN);
+    let dropped = f.drop_metas_to_fit(MAX_MESSAGE_LEN);
+    assert_eq!(dropped, vec![metas[4].clone()]);
+    assert_eq!(f.metas, [&metas[..4], &metas[5..]].concat());
+    assert!(encode(&Message::Frame(f.clone())).len() <= MAX_MESSAGE_LEN);
+    // A tighter limit takes the next biggest, never the video or audio meta.
+    let dropped = f.drop_metas_to_fit(400);
+    assert_eq!(dropped, vec![metas[1].clone()]);
+    let dropped = f.drop_metas_to_fit(0);
+    assert_eq!(dropped.len(), 3, "{dropped:?}");
+    assert_eq!(f.metas, vec![metas[0].clone(), metas[3].clone()]);
+    assert!(f.drop_metas_to_fit(0).is_empty());
+    // Over MAX_METAS: the biggest optional ones go until the count fits.
+    let mut metas: Vec<Meta> = (0..MAX_METAS + 3).map(|i| roi(&[&"p;".repeat(i)])).collect();
+    metas.insert(5, audio(1, true, true));
+    let Message::Frame(mut f) = frame(vec![], metas.clone()) else { unreachable!() };
+    let dropped = f.drop_metas_to_fit(MAX_MESSAGE_LEN);
+    assert_eq!(dropped, metas[MAX_METAS..].to_vec());
+    assert_eq!(f.metas, metas[..MAX_METAS].to_vec());
+    round_trip(&Message::Frame(f), 6);
+}
 
 #[test]
 #[rustfmt::skip]
@@ -317,11 +493,37 @@ fn arb_metas() -> impl Strategy<Value = Vec<Meta>> {
         Meta::Video(VideoMeta { format, flags, width, height, offsets: o, strides: s })
     });
     let custom = ("\\PC{0,12}", "\\PC{0,24}").prop_map(|(n, s)| custom(&n, &s));
-    // Kinds 1 and 2 are the known kinds: they never decode as Unknown.
-    let kind = any::<u16>().prop_filter("known kind", |k| *k != 1 && *k != 2);
+    // Each list is empty or has one entry per channel.
+    let channels = (1..=MAX_AUDIO_CHANNELS).prop_flat_map(|n| (
+        Just(n as u32),
+        prop_oneof![Just(vec![]), vec(any::<i32>(), n)],
+        prop_oneof![Just(vec![]), vec(any::<u64>(), n)],
+    ));
+    let audio = (any::<[u32; 4]>(), any::<u64>(), channels).prop_map(
+        |([format, layout, flags, rate], samples, (channels, positions, offsets))| {
+            Meta::Audio(AudioMeta { format, layout, flags, rate, channels, samples, positions, offsets })
+        },
+    );
+    let params = vec("\\PC{0,24}", 0..=MAX_ROI_PARAMS);
+    let roi = ("\\PC{0,12}", any::<[i32; 2]>(), any::<[u32; 4]>(), params).prop_map(
+        |(roi_type, [id, parent_id], [x, y, w, h], params)| {
+            Meta::Roi(RoiMeta { roi_type, id, parent_id, x, y, w, h, params })
+        },
+    );
+    let time_code = (any::<[u32; 8]>(), "\\PC{0,40}").prop_map(|(v, latest_daily_jam)| {
+        let [fps_n, fps_d, flags, hours, minutes, seconds, frames, field_count] = v;
+        Meta::TimeCode(TimeCodeMeta {
+            fps_n, fps_d, flags, hours, minutes, seconds, frames, field_count, latest_daily_jam,
+        })
+    });
+    let reference = ("\\PC{0,32}", arb_ts(), arb_ts()).prop_map(|(r, t, d)| reference(&r, t, d));
+    // Kinds 1 to 6 are the known kinds: they never decode as Unknown.
+    let kind = any::<u16>().prop_filter("known kind", |k| !(1..=6).contains(k));
     let unknown = (kind, bytes(32)).prop_map(|(k, d)| unknown(k, &d));
-    (vec(video, 0..=4), vec(custom, 0..=4), vec(unknown, 0..=4))
-        .prop_map(|(a, b, c)| [a, b, c].concat())
+    let known = (vec(video, 0..=4), vec(custom, 0..=4), vec(audio, 0..=4), vec(roi, 0..=4));
+    let others = (vec(time_code, 0..=4), vec(reference, 0..=4), vec(unknown, 0..=4));
+    (known, others)
+        .prop_map(|((a, b, c, d), (e, f, g))| [a, b, c, d, e, f, g].concat())
         .prop_shuffle()
 }
 
