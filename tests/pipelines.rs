@@ -305,3 +305,115 @@ fn frames_skipped_for_a_blocked_consumer_are_counted_and_marked_discont() {
     assert!(discont >= 1, "no DISCONT after {skipped} skipped frames");
     assert!(stats.get::<u64>("frames-received").unwrap() >= 35, "{stats}");
 }
+
+/// The most common consumer there is: a recorder with x264enc's default
+/// settings, whose lookahead keeps dozens of frames, far more than a
+/// consumer's default share of the producer's frames. It must record the
+/// whole run (the producer's frames are copied once the share is used up,
+/// with one warning naming the property), and a recorder that asks for a
+/// larger share (`max-inflight=64`) records it without that warning. A plain
+/// consumer next to them is not affected.
+#[test]
+fn default_x264_recorders_record_the_whole_run() {
+    init();
+    let dir = TempDir::new(TAG, "x264");
+    let socket = dir.path("cam.sock");
+    let producer = camera(&dir, &socket, "");
+    wait_for_path(&socket, Duration::from_secs(30));
+    let recorder = |name: &str, props: &str| {
+        let mp4 = dir.path(&format!("{name}.mp4"));
+        let log = dir.path(&format!("{name}.log"));
+        let p = gst_launch(
+            name,
+            &format!(
+                "bufsharesrc socket={} {props} ! videoconvert ! x264enc ! mp4mux ! filesink location={}",
+                socket.display(),
+                mp4.display()
+            ),
+            &log,
+        );
+        (p, mp4, log)
+    };
+    let (copying, copying_mp4, copying_log) = recorder("default", "");
+    let (holding, holding_mp4, holding_log) = recorder("holding", "max-inflight=64");
+    let plain_log = dir.path("plain.log");
+    let plain = gst_launch(
+        "plain",
+        &format!(
+            "-v bufsharesrc socket={} ! fakesink silent=false",
+            socket.display()
+        ),
+        &plain_log,
+    );
+    for log in [&copying_log, &holding_log] {
+        wait_for_log(log, Duration::from_secs(30), "recorder playing", |l| {
+            l.contains("Setting pipeline to PLAYING")
+        });
+    }
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    for p in [&copying, &holding, &plain] {
+        p.signal(Signal::INT);
+    }
+    let ran = started.elapsed();
+    for (p, log) in [(copying, &copying_log), (holding, &holding_log), (plain, &plain_log)] {
+        let status = p.wait(Duration::from_secs(60));
+        assert!(status.success(), "{status}:\n{}", log_of(log));
+    }
+    producer.signal(Signal::INT);
+    producer.wait_ok(Duration::from_secs(30));
+    // At least 6 of the 8 s at 30 fps, whatever start-up and a busy machine took.
+    let expected = 6 * 30;
+    let (copied_frames, _) = common::decode_file(&copying_mp4);
+    let (held_frames, _) = common::decode_file(&holding_mp4);
+    let plain_frames = chain_lines(&log_of(&plain_log));
+    println!(
+        "over {ran:?}: default recorder {copied_frames} frames, max-inflight=64 recorder {held_frames}, plain consumer {plain_frames}"
+    );
+    assert!(copied_frames >= expected, "default x264enc recorder: {copied_frames} frames");
+    assert!(held_frames >= expected, "max-inflight=64 recorder: {held_frames} frames");
+    assert!(plain_frames >= expected as usize, "plain consumer: {plain_frames} frames");
+    let warned = log_of(&copying_log);
+    assert!(
+        warned.contains("copying newer frames") && warned.contains("Set max-inflight"),
+        "no warning naming the property:\n{warned}"
+    );
+    assert!(
+        !log_of(&holding_log).contains("copying newer frames"),
+        "a recorder granted 64 frames still copied:\n{}",
+        log_of(&holding_log)
+    );
+}
+
+/// A deep queue that keeps 100 frames before it lets any through: every
+/// frame still arrives.
+#[test]
+fn a_deep_queue_gets_every_frame() {
+    init();
+    let dir = TempDir::new(TAG, "deep-queue");
+    let socket = dir.path("cam.sock");
+    let producer = camera(&dir, &socket, "");
+    wait_for_path(&socket, Duration::from_secs(30));
+    let deep_log = dir.path("deep.log");
+    let deep = gst_launch(
+        "deep queue",
+        &format!(
+            "-v bufsharesrc socket={} ! queue max-size-buffers=1000 max-size-bytes=0 max-size-time=0 min-threshold-buffers=100 ! fakesink silent=false",
+            socket.display()
+        ),
+        &deep_log,
+    );
+    wait_for_log(&deep_log, Duration::from_secs(60), "frames past the queue", |l| {
+        chain_lines(l) >= 60
+    });
+    producer.signal(Signal::INT);
+    producer.wait_ok(Duration::from_secs(30));
+    let status = deep.wait(Duration::from_secs(60));
+    let log = log_of(&deep_log);
+    assert!(status.success(), "{status}:\n{log}");
+    // The queue held 100 frames when the first 60 came out: 160 at least
+    // were received, and at EOS the queue let all of them through.
+    let frames = chain_lines(&log);
+    println!("deep queue: {frames} frames");
+    assert!(frames >= 160, "{frames} frames");
+}
