@@ -340,6 +340,21 @@ fn held_bound(max_held: u32, buffer: &gst::BufferRef) -> Option<usize> {
     (max > 0).then(|| max.saturating_sub(POOL_BUFFERS_KEPT_FREE).max(1) as usize)
 }
 
+/// The video info of raw video caps with a real format and a size; None for
+/// anything else (encoded video, images, audio, ...), which gets no pool.
+fn raw_video_info(caps: &gst::CapsRef) -> Option<gst_video::VideoInfo> {
+    let s = caps.structure(0)?;
+    if s.name() != "video/x-raw" {
+        return None;
+    }
+    let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+    let real_format = !matches!(
+        info.format(),
+        gst_video::VideoFormat::Encoded | gst_video::VideoFormat::Unknown
+    );
+    (real_format && info.size() > 0).then_some(info)
+}
+
 /// Checks the socket's directory before binding, for errors that say what is wrong.
 fn check_socket_dir(path: &Path) -> Result<(), String> {
     let dir = match path.parent() {
@@ -481,41 +496,54 @@ impl BaseSinkImpl for BufShareSink {
         query: &mut gst::query::Allocation,
     ) -> Result<(), gst::LoggableError> {
         let (caps, need_pool) = query.get_owned();
-        if let Some(caps) = caps {
-            if let Ok(info) = gst_video::VideoInfo::from_caps(&caps) {
-                // Before start there is no backend yet: no pool to offer.
-                let started = self.state.lock().unwrap().memory.is_some();
-                if need_pool && started {
-                    let pool = {
-                        let mut state = self.state.lock().unwrap();
-                        self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
-                    }
-                    .map_err(|e| {
-                        gst::element_imp_error!(
-                            self,
-                            gst::ResourceError::OpenWrite,
-                            ("Cannot set up a buffer pool for {}: {}", caps, e)
-                        );
-                        gst::loggable_error!(CAT, "pool for {}: {}", caps, e)
-                    })?;
-                    let config = pool.config();
-                    let (_, size, min, max) = config
-                        .params()
-                        .ok_or_else(|| gst::loggable_error!(CAT, "pool without params"))?;
-                    query.add_allocation_pool(Some(&pool), size, min, max);
-                    gst::debug!(
-                        CAT,
-                        imp = self,
-                        "proposing a {} pool of {} byte buffers (min {}, max {})",
-                        pool.backend_name(),
-                        size,
-                        min,
-                        max
-                    );
-                }
-                query.add_allocation_meta::<gst_video::VideoMeta>(None);
+        let Some(caps) = caps else {
+            return Ok(());
+        };
+        // Only raw video gets the backend's video pool. Encoded video (H.264,
+        // VP8, ...), image/jpeg, audio, text, tensors and the rest get no pool:
+        // upstream allocates as it likes and each buffer is shared by its fd, or
+        // copied once into memory for copies. gst_video_info_from_caps accepts
+        // encoded video caps too (format ENCODED, size 0), so check both.
+        let Some(info) = raw_video_info(&caps) else {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "not raw video, proposing no pool: {}",
+                caps
+            );
+            return Ok(());
+        };
+        // Before start there is no backend yet: no pool to offer.
+        let started = self.state.lock().unwrap().memory.is_some();
+        if need_pool && started {
+            let pool = {
+                let mut state = self.state.lock().unwrap();
+                self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
             }
+            .map_err(|e| {
+                gst::element_imp_error!(
+                    self,
+                    gst::ResourceError::OpenWrite,
+                    ("Cannot set up a buffer pool for {}: {}", caps, e)
+                );
+                gst::loggable_error!(CAT, "pool for {}: {}", caps, e)
+            })?;
+            let config = pool.config();
+            let (_, size, min, max) = config
+                .params()
+                .ok_or_else(|| gst::loggable_error!(CAT, "pool without params"))?;
+            query.add_allocation_pool(Some(&pool), size, min, max);
+            gst::debug!(
+                CAT,
+                imp = self,
+                "proposing a {} pool of {} byte buffers (min {}, max {})",
+                pool.backend_name(),
+                size,
+                min,
+                max
+            );
         }
+        query.add_allocation_meta::<gst_video::VideoMeta>(None);
         Ok(())
     }
 
