@@ -642,10 +642,17 @@ impl BufShareSink {
         };
 
         let time_map = state.time_map.get(self.obj().upcast_ref());
+        // A time before the segment start has a negative running time: an
+        // encoder's DTS ahead of its first PTS (x264enc's defaults reorder
+        // frames). It goes as an instant before the base time; dropping it
+        // would leave muxers (mp4mux) without the DTS of the first frames.
         let to_wire = |t: Option<gst::ClockTime>| -> u64 {
-            let running = t.and_then(|t| state.segment.as_ref()?.to_running_time(t));
+            let running = t.and_then(|t| state.segment.as_ref()?.to_running_time_full(t));
             match (running, time_map) {
-                (Some(rt), Some(map)) => map.to_monotonic(rt.nseconds()),
+                (Some(gst::Signed::Positive(rt)), Some(map)) => map.to_monotonic(rt.nseconds()),
+                (Some(gst::Signed::Negative(before)), Some(map)) => {
+                    map.to_monotonic(0).saturating_sub(before.nseconds())
+                }
                 _ => protocol::NONE,
             }
         };
