@@ -13,7 +13,7 @@ use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use super::backend::{self, BackendKind, Choice};
-use super::server::{Event, Outgoing, Server, SharedMemory};
+use super::server::{self, Config, Event, InflightLimits, Outgoing, Server, SharedMemory};
 use crate::clock::TimeMapCache;
 use crate::memtag;
 use crate::pool::BackendBufferPool;
@@ -29,6 +29,8 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_MAX_INFLIGHT: u32 = 8;
+const DEFAULT_MAX_INFLIGHT_LIMIT: u32 = 64;
+const DEFAULT_MAX_PENDING_CONNECTIONS: u32 = 16;
 const DEFAULT_CLIENT_TIMEOUT_MS: u32 = 3000;
 /// 0: derive the bound from a fixed upstream pool.
 const DEFAULT_MAX_HELD: u32 = 0;
@@ -45,6 +47,8 @@ const DEFAULT_SOCKET_MODE: u32 = 0o600;
 struct Settings {
     socket: Option<String>,
     max_inflight: u32,
+    max_inflight_limit: u32,
+    max_pending_connections: u32,
     inline_threshold: u32,
     socket_mode: u32,
     allowed_uid: i32,
@@ -61,6 +65,8 @@ impl Default for Settings {
         Settings {
             socket: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_inflight_limit: DEFAULT_MAX_INFLIGHT_LIMIT,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             inline_threshold: DEFAULT_INLINE_THRESHOLD,
             socket_mode: DEFAULT_SOCKET_MODE,
             allowed_uid: -1,
@@ -91,7 +97,8 @@ struct CopyPool {
 
 #[derive(Default)]
 struct Started {
-    server: Option<Server>,
+    /// Shared with a streaming thread waiting for consumers to take EOS.
+    server: Option<Arc<Server>>,
     memory: Option<InUse>,
     copy_pool: Option<CopyPool>,
     segment: Option<gst::FormattedSegment<gst::ClockTime>>,
@@ -124,10 +131,26 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecUInt::builder("max-inflight")
                     .nick("Max frames in flight per consumer")
-                    .blurb("Frames one consumer may hold at once. Past this, frames are skipped for that consumer only (the latest frame wins) and counted as dropped. 8 leaves room for a hardware encoder that queues several frames.")
+                    .blurb("Frames one consumer may hold at once, unless it asks for another number (MAX_INFLIGHT, see max-inflight-limit). Past this, frames are skipped for that consumer only (the latest frame wins) and counted as dropped. 8 leaves room for a hardware encoder that queues several frames.")
                     .minimum(1)
                     .maximum(1024)
                     .default_value(DEFAULT_MAX_INFLIGHT)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-inflight-limit")
+                    .nick("Most frames a consumer may ask to hold")
+                    .blurb("A consumer may ask to hold more or fewer frames at once than max-inflight (bufsharesrc asks for what its pipeline needs); it gets what it asked for, up to this many. Each frame held pins one buffer of the producer. Consumers are told their grant, again when this changes.")
+                    .minimum(1)
+                    .maximum(1024)
+                    .default_value(DEFAULT_MAX_INFLIGHT_LIMIT)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-pending-connections")
+                    .nick("Max connections before HELLO")
+                    .blurb("Connections that have not completed the handshake (HELLO) yet, each an fd of the producer. Past this many, the oldest is closed (logged, rate-limited), so that idle connections cannot use up the producer's fds. Consumers say HELLO at once; 16 leaves room for many starting together.")
+                    .minimum(1)
+                    .maximum(65536)
+                    .default_value(DEFAULT_MAX_PENDING_CONNECTIONS)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt::builder("inline-threshold")
@@ -193,7 +216,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered")
+                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered, max-inflight (frames it may hold: its grant)")
                     .read_only()
                     .build(),
             ]
@@ -229,7 +252,19 @@ impl ObjectImpl for BufShareSink {
             "max-inflight" => {
                 s.max_inflight = value.get().expect("type checked upstream");
                 if let Some(server) = &self.state.lock().unwrap().server {
-                    server.set_max_inflight(s.max_inflight as usize);
+                    server.set_inflight_limits(inflight_limits(&s));
+                }
+            }
+            "max-inflight-limit" => {
+                s.max_inflight_limit = value.get().expect("type checked upstream");
+                if let Some(server) = &self.state.lock().unwrap().server {
+                    server.set_inflight_limits(inflight_limits(&s));
+                }
+            }
+            "max-pending-connections" => {
+                s.max_pending_connections = value.get().expect("type checked upstream");
+                if let Some(server) = &self.state.lock().unwrap().server {
+                    server.set_max_pending(s.max_pending_connections as usize);
                 }
             }
             "inline-threshold" => s.inline_threshold = value.get().expect("type checked upstream"),
@@ -265,6 +300,13 @@ impl ObjectImpl for BufShareSink {
         match pspec.name() {
             "socket" => self.settings.lock().unwrap().socket.to_value(),
             "max-inflight" => self.settings.lock().unwrap().max_inflight.to_value(),
+            "max-inflight-limit" => self.settings.lock().unwrap().max_inflight_limit.to_value(),
+            "max-pending-connections" => self
+                .settings
+                .lock()
+                .unwrap()
+                .max_pending_connections
+                .to_value(),
             "inline-threshold" => self.settings.lock().unwrap().inline_threshold.to_value(),
             "socket-mode" => self.settings.lock().unwrap().socket_mode.to_value(),
             "allowed-uid" => self.settings.lock().unwrap().allowed_uid.to_value(),
@@ -315,6 +357,13 @@ impl ElementImpl for BufShareSink {
             .unwrap()]
         });
         TEMPLATES.as_ref()
+    }
+}
+
+fn inflight_limits(s: &Settings) -> InflightLimits {
+    InflightLimits {
+        default: s.max_inflight,
+        limit: s.max_inflight_limit,
     }
 }
 
@@ -408,8 +457,11 @@ impl BaseSinkImpl for BufShareSink {
         let weak = self.obj().downgrade();
         let server = Server::start(
             listener,
-            settings.max_inflight as usize,
-            client_timeout(settings.client_timeout_ms),
+            Config {
+                inflight: inflight_limits(&settings),
+                client_timeout: client_timeout(settings.client_timeout_ms),
+                max_pending: settings.max_pending_connections as usize,
+            },
             move |events| {
                 if let Some(obj) = weak.upgrade() {
                     obj.imp().report(events);
@@ -424,7 +476,7 @@ impl BaseSinkImpl for BufShareSink {
         })?;
         gst::info!(CAT, imp = self, "serving on {}", socket);
         *self.state.lock().unwrap() = Started {
-            server: Some(server),
+            server: Some(Arc::new(server)),
             memory: Some(memory),
             ..Default::default()
         };
@@ -472,9 +524,21 @@ impl BaseSinkImpl for BufShareSink {
     fn event(&self, event: gst::Event) -> bool {
         match event.view() {
             gst::EventView::Eos(_) => {
-                if let Some(server) = &self.state.lock().unwrap().server {
+                let server = self.state.lock().unwrap().server.clone();
+                if let Some(server) = server {
                     gst::debug!(CAT, imp = self, "EOS: telling consumers");
                     server.send_eos();
+                    // The pipeline may stop right after EOS (gst-launch -e): wait
+                    // (bounded) until every consumer has the EOS in its socket,
+                    // also those whose socket is full now.
+                    if !server.wait_flushed(server::FLUSH_LIMIT) {
+                        gst::info!(
+                            CAT,
+                            imp = self,
+                            "EOS: some consumers still did not take it after {} ms",
+                            server::FLUSH_LIMIT.as_millis()
+                        );
+                    }
                 }
             }
             gst::EventView::Segment(s) => {
@@ -938,6 +1002,7 @@ impl BufShareSink {
                     client_id,
                     reason,
                     warn,
+                    active,
                 } => {
                     if warn {
                         gst::warning!(
@@ -955,9 +1020,13 @@ impl BufShareSink {
                     } else {
                         gst::info!(CAT, imp = self, "consumer {} left: {}", client_id, reason);
                     }
-                    self.obj()
-                        .emit_by_name::<()>("client-disconnected", &[&client_id]);
-                    changed = true;
+                    // Only consumers that were reported connected are reported
+                    // gone; a connection dropped before its HELLO is only logged.
+                    if active {
+                        self.obj()
+                            .emit_by_name::<()>("client-disconnected", &[&client_id]);
+                        changed = true;
+                    }
                 }
             }
         }
@@ -984,6 +1053,7 @@ impl BufShareSink {
                     .field("frames-in-flight", c.frames_in_flight)
                     .field("frames-in-flight-peak", c.frames_in_flight_peak)
                     .field("memories-registered", c.memories_registered)
+                    .field("max-inflight", c.max_inflight)
                     .build()
                     .to_send_value()
             })

@@ -384,16 +384,31 @@ pub fn wait(
     fds: &[(BorrowedFd<'_>, bool)],
     timeout: Option<std::time::Duration>,
 ) -> io::Result<Vec<rustix::event::PollFlags>> {
-    use rustix::event::{PollFd, PollFlags};
-    let mut pfds: Vec<PollFd<'_>> = fds
+    use rustix::event::PollFlags;
+    let fds: Vec<(BorrowedFd<'_>, PollFlags)> = fds
         .iter()
         .map(|(fd, want_write)| {
             let mut flags = PollFlags::IN;
             if *want_write {
                 flags |= PollFlags::OUT;
             }
-            PollFd::from_borrowed_fd(*fd, flags)
+            (*fd, flags)
         })
+        .collect();
+    wait_for(&fds, timeout)
+}
+
+/// Waits until one of `fds` has one of the events asked for it (an fd asked
+/// for none is only reported on errors), or `timeout` passes. Returns the
+/// revents of each fd.
+pub fn wait_for(
+    fds: &[(BorrowedFd<'_>, rustix::event::PollFlags)],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<rustix::event::PollFlags>> {
+    use rustix::event::PollFd;
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, flags)| PollFd::from_borrowed_fd(*fd, *flags))
         .collect();
     let ts = timeout.map(|t| rustix::time::Timespec {
         tv_sec: t.as_secs() as i64,
