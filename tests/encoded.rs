@@ -86,7 +86,10 @@ impl Session {
         let status = producer.wait(Duration::from_secs(60));
         let log = self.read_log("producer");
         assert!(status.success(), "producer exited with {status}:\n{log}");
-        assert!(!log.contains("ERROR"), "the producer posted an error:\n{log}");
+        assert!(
+            !log.contains("ERROR"),
+            "the producer posted an error:\n{log}"
+        );
     }
 
     /// Waits for a consumer that ends on the producer's EOS; returns its log.
@@ -124,10 +127,7 @@ fn h264_from_x264enc_is_muxed_and_decoded_by_consumers() {
     let mp4 = s.dir.path("out.mp4");
     let muxer = s.consumer(
         "mp4",
-        &format!(
-            "h264parse ! mp4mux ! filesink location={}",
-            mp4.display()
-        ),
+        &format!("h264parse ! mp4mux ! filesink location={}", mp4.display()),
     );
     let decoder = s.consumer("decoder", "h264parse ! avdec_h264 ! fakesink silent=false");
     let producer = s.producer("x264enc ! h264parse");
@@ -136,14 +136,24 @@ fn h264_from_x264enc_is_muxed_and_decoded_by_consumers() {
     // The recording is stopped first, by its user (EOS, then the MP4 is finalized).
     muxer.signal(Signal::INT);
     let status = muxer.wait(Duration::from_secs(60));
-    assert!(status.success(), "mp4 consumer: {status}:\n{}", s.read_log("mp4"));
+    assert!(
+        status.success(),
+        "mp4 consumer: {status}:\n{}",
+        s.read_log("mp4")
+    );
     s.run_producer(producer);
     let log = s.finished("decoder", decoder);
     let frames = chained(&log);
     let in_mp4 = decoded(&mp4);
     println!("h264: decoder consumer got {frames} frames, mp4 holds {in_mp4}");
-    assert!(frames >= MIN_FRAMES, "decoder consumer decoded {frames} frames:\n{log}");
-    assert!(in_mp4 >= MIN_FRAMES, "the MP4 holds {in_mp4} decodable frames");
+    assert!(
+        frames >= MIN_FRAMES,
+        "decoder consumer decoded {frames} frames:\n{log}"
+    );
+    assert!(
+        in_mp4 >= MIN_FRAMES,
+        "the MP4 holds {in_mp4} decodable frames"
+    );
 }
 
 #[test]
@@ -155,7 +165,10 @@ fn jpeg_from_jpegenc_is_decoded_by_a_consumer() {
     let log = s.finished("decoder", decoder);
     let frames = chained(&log);
     println!("jpeg: decoder consumer got {frames} frames");
-    assert!(frames >= MIN_FRAMES, "decoder consumer decoded {frames} frames:\n{log}");
+    assert!(
+        frames >= MIN_FRAMES,
+        "decoder consumer decoded {frames} frames:\n{log}"
+    );
 }
 
 #[test]
@@ -177,6 +190,12 @@ fn vp8_from_vp8enc_is_decoded_and_muxed_by_consumers() {
     let frames = chained(&log);
     let in_webm = decoded(&webm);
     println!("vp8: decoder consumer got {frames} frames, webm holds {in_webm}");
-    assert!(frames >= MIN_FRAMES, "decoder consumer decoded {frames} frames:\n{log}");
-    assert!(in_webm >= MIN_FRAMES, "the WebM holds {in_webm} decodable frames");
+    assert!(
+        frames >= MIN_FRAMES,
+        "decoder consumer decoded {frames} frames:\n{log}"
+    );
+    assert!(
+        in_webm >= MIN_FRAMES,
+        "the WebM holds {in_webm} decodable frames"
+    );
 }

@@ -65,7 +65,10 @@ fn stop_cleanly(p: Proc, log: &Path) {
     let status = p.wait(Duration::from_secs(60));
     let text = read_log(log);
     assert!(status.success(), "producer exited with {status}:\n{text}");
-    assert!(!text.contains("ERROR"), "the producer posted an error:\n{text}");
+    assert!(
+        !text.contains("ERROR"),
+        "the producer posted an error:\n{text}"
+    );
 }
 
 /// Connects a scripted consumer and completes the handshake; returns the
@@ -73,8 +76,11 @@ fn stop_cleanly(p: Proc, log: &Path) {
 fn scripted_consumer(path: &Path) -> (UnixChannel, Vec<Message>) {
     let c = UnixChannel::connect(path).unwrap();
     assert!(matches!(recv_msg(&c), Some((Message::Hello(_), _))));
-    c.send(&protocol::encode(&hello(protocol::VERSION, Role::Consumer)), &[])
-        .unwrap();
+    c.send(
+        &protocol::encode(&hello(protocol::VERSION, Role::Consumer)),
+        &[],
+    )
+    .unwrap();
     let mut before_caps = Vec::new();
     loop {
         let (m, _) = recv_msg(&c).expect("closed before CAPS");
@@ -132,11 +138,17 @@ fn a_stopping_producer_leaves_another_producers_socket_alone() {
     let (c, _) = scripted_consumer(&socket);
     drop(c);
     stop_cleanly(a, &dir.path("a.log"));
-    assert!(socket.exists(), "producer A removed producer B's socket file");
+    assert!(
+        socket.exists(),
+        "producer A removed producer B's socket file"
+    );
     let (c, _) = scripted_consumer(&socket);
     drop(c);
     stop_cleanly(b, &dir.path("b.log"));
-    assert!(!socket.exists(), "producer B did not remove its own socket file");
+    assert!(
+        !socket.exists(),
+        "producer B did not remove its own socket file"
+    );
 }
 
 /// A producer under `prlimit --nofile=128` while this test keeps hundreds of
@@ -285,7 +297,12 @@ fn a_stalled_consumer_reads_why_it_was_dropped() {
         }
         // Stops reading until the producer dropped it.
         let deadline = Instant::now() + Duration::from_secs(if full { 30 } else { 10 });
-        while sink.property::<gst::Structure>("stats").get::<u64>("clients-timed-out").unwrap() < 1 {
+        while sink
+            .property::<gst::Structure>("stats")
+            .get::<u64>("clients-timed-out")
+            .unwrap()
+            < 1
+        {
             assert!(Instant::now() < deadline, "full={full}: never dropped");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -297,10 +314,17 @@ fn a_stalled_consumer_reads_why_it_was_dropped() {
                 println!("full={full}: DISCONNECT: {reason}");
                 assert!(reason.contains("client-timeout"), "{reason}");
             }
-            other => panic!("full={full}: last message {other:?}, not DISCONNECT ({})", names(&msgs)),
+            other => panic!(
+                "full={full}: last message {other:?}, not DISCONNECT ({})",
+                names(&msgs)
+            ),
         }
         if full {
-            assert!(msgs.len() > 50, "full={full}: the socket was not full: {}", names(&msgs));
+            assert!(
+                msgs.len() > 50,
+                "full={full}: the socket was not full: {}",
+                names(&msgs)
+            );
         }
         pipeline.set_state(gst::State::Null).unwrap();
     }
@@ -412,7 +436,11 @@ fn consumers_are_granted_what_they_ask_within_the_limit() {
     assert_eq!(stats_grant(), 3);
 
     ask(100);
-    assert_eq!(watch(Duration::from_millis(500)), vec![5], "clamped to the limit");
+    assert_eq!(
+        watch(Duration::from_millis(500)),
+        vec![5],
+        "clamped to the limit"
+    );
     assert_eq!(held.get(), 5);
     assert_eq!(stats_grant(), 5);
 
@@ -424,9 +452,15 @@ fn consumers_are_granted_what_they_ask_within_the_limit() {
     sink.set_property("max-inflight-limit", 2u32);
     assert_eq!(watch(Duration::from_millis(300)), vec![2], "new limit");
     sink.set_property("max-inflight-limit", 2u32);
-    assert!(watch(Duration::from_millis(300)).is_empty(), "unchanged: nothing sent");
+    assert!(
+        watch(Duration::from_millis(300)).is_empty(),
+        "unchanged: nothing sent"
+    );
     sink.set_property("max-inflight", 7u32);
-    assert!(watch(Duration::from_millis(300)).is_empty(), "it asked: the default does not apply");
+    assert!(
+        watch(Duration::from_millis(300)).is_empty(),
+        "it asked: the default does not apply"
+    );
     ask(0);
     assert_eq!(watch(Duration::from_millis(300)), vec![7]);
     assert_eq!(stats_grant(), 7);

@@ -554,7 +554,11 @@ impl Server {
     pub fn set_inflight_limits(&self, limits: InflightLimits) {
         let mut state = lock(&self.shared.state);
         state.inflight = limits;
-        for c in state.clients.iter_mut().filter(|c| c.phase == Phase::Active) {
+        for c in state
+            .clients
+            .iter_mut()
+            .filter(|c| c.phase == Phase::Active)
+        {
             c.regrant(&limits, false);
         }
         drop(state);
@@ -1090,7 +1094,7 @@ fn service(
         let oldest = state
             .clients
             .iter()
-            .position(|c| closing(c))
+            .position(closing)
             .expect("counted above");
         state.clients.remove(oldest).channel.close();
         excess -= 1;
@@ -1135,9 +1139,8 @@ fn accept_newcomers(state: &mut State) {
         match state.listener.accept() {
             Ok(Some(channel)) => {
                 let now = Instant::now();
-                let pending = |c: &Client| {
-                    matches!(c.phase, Phase::AwaitingHello { .. }) && c.dead.is_none()
-                };
+                let pending =
+                    |c: &Client| matches!(c.phase, Phase::AwaitingHello { .. }) && c.dead.is_none();
                 if state.clients.iter().filter(|c| pending(c)).count() >= state.max_pending {
                     let oldest = state
                         .clients
@@ -1252,7 +1255,12 @@ fn hello() -> Message {
 }
 
 /// Reads everything a client sent.
-fn read_client(client: &mut Client, ctx: &mut ReadContext<'_>, buf: &mut [u8], events: &mut Vec<Event>) {
+fn read_client(
+    client: &mut Client,
+    ctx: &mut ReadContext<'_>,
+    buf: &mut [u8],
+    events: &mut Vec<Event>,
+) {
     loop {
         if client.dead.is_some() {
             return;

@@ -259,14 +259,9 @@ pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
     pipeline.set_state(gst::State::Playing).unwrap();
     let mut count = 0;
     let mut last_pts = None;
-    loop {
-        match sink.try_pull_sample(gst::ClockTime::from_seconds(20)) {
-            Some(sample) => {
-                count += 1;
-                last_pts = sample.buffer().and_then(|b| b.pts()).or(last_pts);
-            }
-            None => break,
-        }
+    while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(20)) {
+        count += 1;
+        last_pts = sample.buffer().and_then(|b| b.pts()).or(last_pts);
     }
     let bus = pipeline.bus().unwrap();
     let error = bus.pop_filtered(&[gst::MessageType::Error]);
