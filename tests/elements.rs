@@ -679,3 +679,131 @@ fn frames_of_a_vanished_producer_freed_after_a_reconnect_go_nowhere() {
     assert_eq!(b_sink.property::<u32>("num-clients"), 1);
     b.set_state(gst::State::Null).unwrap();
 }
+
+/// `frames-held` and `frames-held-peak` agree without a `max-held` bound (the
+/// peak used to be updated only under one), and `clients` is a GstValueArray
+/// whether empty or not.
+#[test]
+fn held_frames_peak_and_clients_array_agree() {
+    init();
+    let path = temp_socket("held-stats.sock");
+    let (pipeline, sink) = live_producer(&path);
+    let clients_type = |s: &gst::Structure| s.value("clients").unwrap().type_();
+    let empty = sink.property::<gst::Structure>("stats");
+    println!("no consumer: {empty}");
+    assert_eq!(clients_type(&empty), gst::Array::static_type(), "{empty}");
+    // GStreamer prints an empty array as `(int)< >`; it still reads back as one.
+    let reparsed: gst::Structure = empty.to_string().parse().unwrap();
+    assert_eq!(
+        clients_type(&reparsed),
+        gst::Array::static_type(),
+        "{reparsed}"
+    );
+    // A scripted consumer that never releases: it holds max-inflight (8) frames.
+    let c = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&c), Some(Message::Hello(_))));
+    c.send(
+        &protocol::encode(&common::hello(protocol::VERSION, Role::Consumer)),
+        &[],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let s = sink.property::<gst::Structure>("stats");
+        if s.get::<u32>("frames-held").unwrap() >= 8 {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never held 8: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("one consumer: {stats}");
+    assert_eq!(stats.get::<u32>("max-held").unwrap(), 0, "no bound here");
+    assert_eq!(stats.get::<u32>("frames-held").unwrap(), 8);
+    assert_eq!(stats.get::<u32>("frames-held-peak").unwrap(), 8);
+    assert_eq!(clients_type(&stats), gst::Array::static_type());
+    assert_eq!(stats.get::<gst::Array>("clients").unwrap().len(), 1);
+    // It goes: nothing held, the peak stays.
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = sink.property::<gst::Structure>("stats");
+        if s.get::<u32>("frames-held").unwrap() == 0 {
+            assert_eq!(s.get::<u32>("frames-held-peak").unwrap(), 8);
+            assert_eq!(clients_type(&s), gst::Array::static_type(), "{s}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still held: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+}
+
+/// `client-disconnected` fires only for consumers that fired
+/// `client-connected`: connections dropped before their HELLO (garbage, a
+/// refused version, silence) are logged, not signalled.
+#[test]
+fn only_connected_consumers_are_signalled_gone() {
+    init();
+    let path = temp_socket("signals.sock");
+    let (pipeline, sink) = live_producer(&path);
+    let connected = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let gone = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    {
+        let connected = connected.clone();
+        sink.connect("client-connected", false, move |v| {
+            connected.lock().unwrap().push(v[1].get::<u64>().unwrap());
+            None
+        });
+        let gone = gone.clone();
+        sink.connect("client-disconnected", false, move |v| {
+            gone.lock().unwrap().push(v[1].get::<u64>().unwrap());
+            None
+        });
+    }
+    // Before HELLO: garbage, and a peer that says it is a producer.
+    let junk = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&junk), Some(Message::Hello(_))));
+    junk.send(b"GET / HTTP/1.1\r\n\r\n", &[]).unwrap();
+    assert!(recv_datagram(&junk).is_none());
+    let wrong = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&wrong), Some(Message::Hello(_))));
+    wrong
+        .send(
+            &protocol::encode(&common::hello(protocol::VERSION, Role::Producer)),
+            &[],
+        )
+        .unwrap();
+    assert!(recv_datagram(&wrong).is_none());
+    // A real one, connected and then gone.
+    let good = UnixChannel::connect(&path).unwrap();
+    assert!(matches!(recv_msg(&good), Some(Message::Hello(_))));
+    good.send(
+        &protocol::encode(&common::hello(protocol::VERSION, Role::Consumer)),
+        &[],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connected.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(good);
+    while gone.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never gone");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (connected, gone) = (
+        connected.lock().unwrap().clone(),
+        gone.lock().unwrap().clone(),
+    );
+    println!("connected {connected:?}, disconnected {gone:?}");
+    assert_eq!(connected.len(), 1);
+    assert_eq!(
+        gone, connected,
+        "disconnected fired for peers never connected"
+    );
+    let w = warnings(&pipeline);
+    assert!(w.iter().any(|w| w.contains("protocol error")), "{w:?}");
+    pipeline.set_state(gst::State::Null).unwrap();
+}

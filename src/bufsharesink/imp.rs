@@ -13,7 +13,7 @@ use gst_base::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use super::backend::{self, BackendKind, Choice};
-use super::server::{Event, Outgoing, Server, SharedMemory};
+use super::server::{self, Config, Event, InflightLimits, Outgoing, Server, SharedMemory};
 use crate::clock::TimeMapCache;
 use crate::memtag;
 use crate::pool::BackendBufferPool;
@@ -29,6 +29,8 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_MAX_INFLIGHT: u32 = 8;
+const DEFAULT_MAX_INFLIGHT_LIMIT: u32 = 64;
+const DEFAULT_MAX_PENDING_CONNECTIONS: u32 = 16;
 const DEFAULT_CLIENT_TIMEOUT_MS: u32 = 3000;
 /// 0: derive the bound from a fixed upstream pool.
 const DEFAULT_MAX_HELD: u32 = 0;
@@ -45,6 +47,8 @@ const DEFAULT_SOCKET_MODE: u32 = 0o600;
 struct Settings {
     socket: Option<String>,
     max_inflight: u32,
+    max_inflight_limit: u32,
+    max_pending_connections: u32,
     inline_threshold: u32,
     socket_mode: u32,
     allowed_uid: i32,
@@ -61,6 +65,8 @@ impl Default for Settings {
         Settings {
             socket: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_inflight_limit: DEFAULT_MAX_INFLIGHT_LIMIT,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             inline_threshold: DEFAULT_INLINE_THRESHOLD,
             socket_mode: DEFAULT_SOCKET_MODE,
             allowed_uid: -1,
@@ -91,7 +97,8 @@ struct CopyPool {
 
 #[derive(Default)]
 struct Started {
-    server: Option<Server>,
+    /// Shared with a streaming thread waiting for consumers to take EOS.
+    server: Option<Arc<Server>>,
     memory: Option<InUse>,
     copy_pool: Option<CopyPool>,
     segment: Option<gst::FormattedSegment<gst::ClockTime>>,
@@ -124,10 +131,26 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecUInt::builder("max-inflight")
                     .nick("Max frames in flight per consumer")
-                    .blurb("Frames one consumer may hold at once. Past this, frames are skipped for that consumer only (the latest frame wins) and counted as dropped. 8 leaves room for a hardware encoder that queues several frames.")
+                    .blurb("Frames one consumer may hold at once, unless it asks for another number (MAX_INFLIGHT, see max-inflight-limit). Past this, frames are skipped for that consumer only (the latest frame wins) and counted as dropped. 8 leaves room for a hardware encoder that queues several frames.")
                     .minimum(1)
                     .maximum(1024)
                     .default_value(DEFAULT_MAX_INFLIGHT)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-inflight-limit")
+                    .nick("Most frames a consumer may ask to hold")
+                    .blurb("A consumer may ask to hold more or fewer frames at once than max-inflight (bufsharesrc asks for what its pipeline needs); it gets what it asked for, up to this many. Each frame held pins one buffer of the producer. Consumers are told their grant, again when this changes.")
+                    .minimum(1)
+                    .maximum(1024)
+                    .default_value(DEFAULT_MAX_INFLIGHT_LIMIT)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-pending-connections")
+                    .nick("Max connections before HELLO")
+                    .blurb("Connections that have not completed the handshake (HELLO) yet, each an fd of the producer. Past this many, the oldest is closed (logged, rate-limited), so that idle connections cannot use up the producer's fds. Consumers say HELLO at once; 16 leaves room for many starting together.")
+                    .minimum(1)
+                    .maximum(65536)
+                    .default_value(DEFAULT_MAX_PENDING_CONNECTIONS)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt::builder("inline-threshold")
@@ -193,7 +216,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered")
+                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered, max-inflight (frames it may hold: its grant)")
                     .read_only()
                     .build(),
             ]
@@ -229,7 +252,19 @@ impl ObjectImpl for BufShareSink {
             "max-inflight" => {
                 s.max_inflight = value.get().expect("type checked upstream");
                 if let Some(server) = &self.state.lock().unwrap().server {
-                    server.set_max_inflight(s.max_inflight as usize);
+                    server.set_inflight_limits(inflight_limits(&s));
+                }
+            }
+            "max-inflight-limit" => {
+                s.max_inflight_limit = value.get().expect("type checked upstream");
+                if let Some(server) = &self.state.lock().unwrap().server {
+                    server.set_inflight_limits(inflight_limits(&s));
+                }
+            }
+            "max-pending-connections" => {
+                s.max_pending_connections = value.get().expect("type checked upstream");
+                if let Some(server) = &self.state.lock().unwrap().server {
+                    server.set_max_pending(s.max_pending_connections as usize);
                 }
             }
             "inline-threshold" => s.inline_threshold = value.get().expect("type checked upstream"),
@@ -265,6 +300,13 @@ impl ObjectImpl for BufShareSink {
         match pspec.name() {
             "socket" => self.settings.lock().unwrap().socket.to_value(),
             "max-inflight" => self.settings.lock().unwrap().max_inflight.to_value(),
+            "max-inflight-limit" => self.settings.lock().unwrap().max_inflight_limit.to_value(),
+            "max-pending-connections" => self
+                .settings
+                .lock()
+                .unwrap()
+                .max_pending_connections
+                .to_value(),
             "inline-threshold" => self.settings.lock().unwrap().inline_threshold.to_value(),
             "socket-mode" => self.settings.lock().unwrap().socket_mode.to_value(),
             "allowed-uid" => self.settings.lock().unwrap().allowed_uid.to_value(),
@@ -318,6 +360,13 @@ impl ElementImpl for BufShareSink {
     }
 }
 
+fn inflight_limits(s: &Settings) -> InflightLimits {
+    InflightLimits {
+        default: s.max_inflight,
+        limit: s.max_inflight_limit,
+    }
+}
+
 fn client_timeout(ms: u32) -> Option<std::time::Duration> {
     (ms > 0).then(|| std::time::Duration::from_millis(ms.into()))
 }
@@ -338,6 +387,21 @@ fn held_bound(max_held: u32, buffer: &gst::BufferRef) -> Option<usize> {
     let pool: gst::BufferPool = unsafe { glib::translate::from_glib_none(pool_ptr) };
     let (_, _, _, max) = pool.config().params()?;
     (max > 0).then(|| max.saturating_sub(POOL_BUFFERS_KEPT_FREE).max(1) as usize)
+}
+
+/// The video info of raw video caps with a real format and a size; None for
+/// anything else (encoded video, images, audio, ...), which gets no pool.
+fn raw_video_info(caps: &gst::CapsRef) -> Option<gst_video::VideoInfo> {
+    let s = caps.structure(0)?;
+    if s.name() != "video/x-raw" {
+        return None;
+    }
+    let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+    let real_format = !matches!(
+        info.format(),
+        gst_video::VideoFormat::Encoded | gst_video::VideoFormat::Unknown
+    );
+    (real_format && info.size() > 0).then_some(info)
 }
 
 /// Checks the socket's directory before binding, for errors that say what is wrong.
@@ -393,8 +457,11 @@ impl BaseSinkImpl for BufShareSink {
         let weak = self.obj().downgrade();
         let server = Server::start(
             listener,
-            settings.max_inflight as usize,
-            client_timeout(settings.client_timeout_ms),
+            Config {
+                inflight: inflight_limits(&settings),
+                client_timeout: client_timeout(settings.client_timeout_ms),
+                max_pending: settings.max_pending_connections as usize,
+            },
             move |events| {
                 if let Some(obj) = weak.upgrade() {
                     obj.imp().report(events);
@@ -409,7 +476,7 @@ impl BaseSinkImpl for BufShareSink {
         })?;
         gst::info!(CAT, imp = self, "serving on {}", socket);
         *self.state.lock().unwrap() = Started {
-            server: Some(server),
+            server: Some(Arc::new(server)),
             memory: Some(memory),
             ..Default::default()
         };
@@ -457,9 +524,21 @@ impl BaseSinkImpl for BufShareSink {
     fn event(&self, event: gst::Event) -> bool {
         match event.view() {
             gst::EventView::Eos(_) => {
-                if let Some(server) = &self.state.lock().unwrap().server {
+                let server = self.state.lock().unwrap().server.clone();
+                if let Some(server) = server {
                     gst::debug!(CAT, imp = self, "EOS: telling consumers");
                     server.send_eos();
+                    // The pipeline may stop right after EOS (gst-launch -e): wait
+                    // (bounded) until every consumer has the EOS in its socket,
+                    // also those whose socket is full now.
+                    if !server.wait_flushed(server::FLUSH_LIMIT) {
+                        gst::info!(
+                            CAT,
+                            imp = self,
+                            "EOS: some consumers still did not take it after {} ms",
+                            server::FLUSH_LIMIT.as_millis()
+                        );
+                    }
                 }
             }
             gst::EventView::Segment(s) => {
@@ -481,41 +560,54 @@ impl BaseSinkImpl for BufShareSink {
         query: &mut gst::query::Allocation,
     ) -> Result<(), gst::LoggableError> {
         let (caps, need_pool) = query.get_owned();
-        if let Some(caps) = caps {
-            if let Ok(info) = gst_video::VideoInfo::from_caps(&caps) {
-                // Before start there is no backend yet: no pool to offer.
-                let started = self.state.lock().unwrap().memory.is_some();
-                if need_pool && started {
-                    let pool = {
-                        let mut state = self.state.lock().unwrap();
-                        self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
-                    }
-                    .map_err(|e| {
-                        gst::element_imp_error!(
-                            self,
-                            gst::ResourceError::OpenWrite,
-                            ("Cannot set up a buffer pool for {}: {}", caps, e)
-                        );
-                        gst::loggable_error!(CAT, "pool for {}: {}", caps, e)
-                    })?;
-                    let config = pool.config();
-                    let (_, size, min, max) = config
-                        .params()
-                        .ok_or_else(|| gst::loggable_error!(CAT, "pool without params"))?;
-                    query.add_allocation_pool(Some(&pool), size, min, max);
-                    gst::debug!(
-                        CAT,
-                        imp = self,
-                        "proposing a {} pool of {} byte buffers (min {}, max {})",
-                        pool.backend_name(),
-                        size,
-                        min,
-                        max
-                    );
-                }
-                query.add_allocation_meta::<gst_video::VideoMeta>(None);
+        let Some(caps) = caps else {
+            return Ok(());
+        };
+        // Only raw video gets the backend's video pool. Encoded video (H.264,
+        // VP8, ...), image/jpeg, audio, text, tensors and the rest get no pool:
+        // upstream allocates as it likes and each buffer is shared by its fd, or
+        // copied once into memory for copies. gst_video_info_from_caps accepts
+        // encoded video caps too (format ENCODED, size 0), so check both.
+        let Some(info) = raw_video_info(&caps) else {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "not raw video, proposing no pool: {}",
+                caps
+            );
+            return Ok(());
+        };
+        // Before start there is no backend yet: no pool to offer.
+        let started = self.state.lock().unwrap().memory.is_some();
+        if need_pool && started {
+            let pool = {
+                let mut state = self.state.lock().unwrap();
+                self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
             }
+            .map_err(|e| {
+                gst::element_imp_error!(
+                    self,
+                    gst::ResourceError::OpenWrite,
+                    ("Cannot set up a buffer pool for {}: {}", caps, e)
+                );
+                gst::loggable_error!(CAT, "pool for {}: {}", caps, e)
+            })?;
+            let config = pool.config();
+            let (_, size, min, max) = config
+                .params()
+                .ok_or_else(|| gst::loggable_error!(CAT, "pool without params"))?;
+            query.add_allocation_pool(Some(&pool), size, min, max);
+            gst::debug!(
+                CAT,
+                imp = self,
+                "proposing a {} pool of {} byte buffers (min {}, max {})",
+                pool.backend_name(),
+                size,
+                min,
+                max
+            );
         }
+        query.add_allocation_meta::<gst_video::VideoMeta>(None);
         Ok(())
     }
 
@@ -614,10 +706,17 @@ impl BufShareSink {
         };
 
         let time_map = state.time_map.get(self.obj().upcast_ref());
+        // A time before the segment start has a negative running time: an
+        // encoder's DTS ahead of its first PTS (x264enc's defaults reorder
+        // frames). It goes as an instant before the base time; dropping it
+        // would leave muxers (mp4mux) without the DTS of the first frames.
         let to_wire = |t: Option<gst::ClockTime>| -> u64 {
-            let running = t.and_then(|t| state.segment.as_ref()?.to_running_time(t));
+            let running = t.and_then(|t| state.segment.as_ref()?.to_running_time_full(t));
             match (running, time_map) {
-                (Some(rt), Some(map)) => map.to_monotonic(rt.nseconds()),
+                (Some(gst::Signed::Positive(rt)), Some(map)) => map.to_monotonic(rt.nseconds()),
+                (Some(gst::Signed::Negative(before)), Some(map)) => {
+                    map.to_monotonic(0).saturating_sub(before.nseconds())
+                }
                 _ => protocol::NONE,
             }
         };
@@ -906,6 +1005,7 @@ impl BufShareSink {
                     client_id,
                     reason,
                     warn,
+                    active,
                 } => {
                     if warn {
                         gst::warning!(
@@ -923,9 +1023,13 @@ impl BufShareSink {
                     } else {
                         gst::info!(CAT, imp = self, "consumer {} left: {}", client_id, reason);
                     }
-                    self.obj()
-                        .emit_by_name::<()>("client-disconnected", &[&client_id]);
-                    changed = true;
+                    // Only consumers that were reported connected are reported
+                    // gone; a connection dropped before its HELLO is only logged.
+                    if active {
+                        self.obj()
+                            .emit_by_name::<()>("client-disconnected", &[&client_id]);
+                        changed = true;
+                    }
                 }
             }
         }
@@ -952,6 +1056,7 @@ impl BufShareSink {
                     .field("frames-in-flight", c.frames_in_flight)
                     .field("frames-in-flight-peak", c.frames_in_flight_peak)
                     .field("memories-registered", c.memories_registered)
+                    .field("max-inflight", c.max_inflight)
                     .build()
                     .to_send_value()
             })

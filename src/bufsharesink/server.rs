@@ -13,6 +13,26 @@
 //! releases them or goes away, so upstream pool buffers come back exactly
 //! when no consumer needs them any more.
 //!
+//! Each consumer holds at most the frames it was granted (MAX_INFLIGHT): what
+//! it asked for, clamped to `max-inflight-limit`, or `max-inflight` when it
+//! asked for nothing. The grant goes to it before CAPS and whenever it changes.
+//!
+//! When the producer drops a consumer that is past the handshake (stalled,
+//! protocol error, too many queued messages), it first tells it why
+//! (DISCONNECT). The frames it held go back at once; if the DISCONNECT does
+//! not fit in its socket, the connection lingers (closing, nothing else
+//! sent) until the I/O thread could send it, or for at most
+//! [`DISCONNECT_LINGER`].
+//!
+//! Connections that have not said HELLO are capped (`max-pending-connections`:
+//! the oldest goes), and an accept that fails for lack of fds pauses the
+//! listener briefly: idle connections cannot take the producer's fds away.
+//!
+//! On EOS the streaming thread waits (at most [`FLUSH_LIMIT`]) until every
+//! consumer has the EOS in its socket, and dropping the server flushes what is
+//! still queued (within the same limit) before closing: a consumer that was
+//! slow to read still gets the end of the stream.
+//!
 //! Two limits protect the producer from its consumers:
 //! - a stall timeout (`client-timeout`): a consumer that leaves messages
 //!   unread in its socket and sends nothing for that long is disconnected,
@@ -33,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use crate::memtag::ForgetListener;
 use crate::protocol::{self, Hello, Message, Register, Role};
-use crate::transport::unix::{wait, Listener, UnixChannel, Waker};
+use crate::transport::unix::{wait_for, Listener, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
 
 /// A consumer must send its HELLO within this time after connecting.
@@ -52,6 +72,20 @@ const KEEPING_UP_RESERVE: usize = RECENT_FRAMES + 1;
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
 /// Control messages queued for a consumer that does not read; past this it is dropped.
 const MAX_QUEUED_MESSAGES: usize = 512;
+/// How long a dropped consumer's connection may wait for its DISCONNECT to
+/// fit in its socket before it is closed anyway.
+pub const DISCONNECT_LINGER: Duration = Duration::from_secs(30);
+/// Most dropped connections kept waiting for their DISCONNECT to fit; past
+/// this, the oldest is closed at once.
+const MAX_CLOSING: usize = 64;
+/// How long the listener is left out of the poll set after accept failed
+/// (out of fds), so that the I/O thread does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long, at most, EOS waits for consumers to have it in their sockets, and
+/// how long stopping waits for queued messages to go out.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(2);
+/// Rate limit of the log lines about pending connections and accept errors.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One memory of a frame, as the streaming thread prepared it.
 #[derive(Debug, Clone)]
@@ -87,10 +121,13 @@ pub enum Event {
         client_id: u64,
         pid: Option<i32>,
     },
+    /// A connection ended. `active`: it was past the handshake (it had been
+    /// reported Connected); otherwise it is reported only when `warn`.
     Disconnected {
         client_id: u64,
         reason: String,
         warn: bool,
+        active: bool,
     },
 }
 
@@ -107,6 +144,8 @@ pub struct ClientStats {
     /// Frames skipped for it because of the bound on frames all consumers hold.
     pub frames_dropped_held: u64,
     pub memories_registered: u64,
+    /// Frames it may hold at once (its MAX_INFLIGHT grant).
+    pub max_inflight: u32,
 }
 
 /// Counters of the bound on frames held by all consumers together.
@@ -124,8 +163,15 @@ pub struct HeldStats {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
-    AwaitingHello { since: Instant },
+    AwaitingHello {
+        since: Instant,
+    },
     Active,
+    /// Dropped; waits for its DISCONNECT (the only message queued) to fit
+    /// in its socket, then is closed. Holds nothing, gets nothing else.
+    Closing {
+        since: Instant,
+    },
 }
 
 struct Client {
@@ -135,6 +181,10 @@ struct Client {
     phase: Phase,
     /// Memory ids this consumer has been sent REGISTER for.
     registered: HashSet<u64>,
+    /// Frames it asked to hold at once (MAX_INFLIGHT; 0: the default).
+    asked: u32,
+    /// Frames it may hold at once, as last sent to it.
+    granted: u32,
     /// Frames it holds, by frame id.
     inflight: HashMap<u64, gst::Buffer>,
     /// Control messages that did not fit in the socket, in order.
@@ -226,6 +276,24 @@ impl Client {
             frames_in_flight_peak: self.inflight_peak,
             frames_dropped_held: self.frames_dropped_held,
             memories_registered: self.registered.len() as u64,
+            max_inflight: self.granted,
+        }
+    }
+
+    /// Gives back every frame it holds (each is one holder less).
+    fn drop_frames(&mut self, holders: &mut HashMap<u64, u32>) {
+        for (id, _) in self.inflight.drain() {
+            unhold(holders, id);
+        }
+    }
+
+    /// Grants what `limits` allow for what it asked; sends MAX_INFLIGHT when
+    /// the grant changed, or always with `always` (an answer to a request).
+    fn regrant(&mut self, limits: &InflightLimits, always: bool) {
+        let granted = limits.grant(self.asked);
+        if granted != self.granted || always {
+            self.granted = granted;
+            self.send_control(&Message::MaxInflight { frames: granted }, None);
         }
     }
 
@@ -297,7 +365,16 @@ struct State {
     clients: Vec<Client>,
     next_client_id: u64,
     stream: StreamState,
-    max_inflight: usize,
+    inflight: InflightLimits,
+    /// Most connections that have not completed the handshake.
+    max_pending: usize,
+    /// Until when accepting pauses (accept failed: out of fds).
+    accept_paused_until: Option<Instant>,
+    pending_log: RateLimit,
+    accept_log: RateLimit,
+    /// For each frame consumers hold, how many of them hold it: its length is
+    /// the distinct frames held. Kept up to date on send, release and drop.
+    holders: HashMap<u64, u32>,
     /// A consumer that stalls this long is disconnected; None: never.
     client_timeout: Option<Duration>,
     frames_rendered: u64,
@@ -307,6 +384,65 @@ struct State {
     held: HeldStats,
     /// The [`RECENT_FRAMES`] newest frames sent to any consumer, oldest first.
     recent_sent: VecDeque<u64>,
+}
+
+/// `max-inflight` and `max-inflight-limit`: what a consumer may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightLimits {
+    /// Granted to a consumer that asks for nothing (0).
+    pub default: u32,
+    /// Most granted to a consumer that asks.
+    pub limit: u32,
+}
+
+impl InflightLimits {
+    /// What a consumer that asked for `asked` frames gets.
+    pub fn grant(&self, asked: u32) -> u32 {
+        if asked == 0 {
+            self.default.max(1)
+        } else {
+            asked.min(self.limit).max(1)
+        }
+    }
+}
+
+/// One more consumer holds `frame_id`.
+fn hold(holders: &mut HashMap<u64, u32>, held: &mut HeldStats, frame_id: u64) {
+    *holders.entry(frame_id).or_insert(0) += 1;
+    held.frames_held = holders.len() as u32;
+    held.frames_held_peak = held.frames_held_peak.max(held.frames_held);
+}
+
+/// One consumer less holds `frame_id`.
+fn unhold(holders: &mut HashMap<u64, u32>, frame_id: u64) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = holders.entry(frame_id) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
+/// At most one log line per [`LOG_INTERVAL`]; counts what it held back.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl RateLimit {
+    /// Some(lines held back since the last one) when a line may go out now.
+    fn ready(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|l| now.saturating_duration_since(l) < LOG_INTERVAL)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 /// State shared with the memory-freed callback; has its own small lock so that
@@ -341,8 +477,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Serves one socket. Dropping it stops the I/O thread, disconnects every
-/// consumer, releases every held frame and removes the socket file.
+/// How a [`Server`] starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub inflight: InflightLimits,
+    /// A consumer that stalls this long is disconnected; None: never.
+    pub client_timeout: Option<Duration>,
+    /// Most connections that have not completed the handshake.
+    pub max_pending: usize,
+}
+
+/// Serves one socket. Dropping it stops the I/O thread, sends what is still
+/// queued for consumers (within [`FLUSH_LIMIT`]), disconnects every consumer,
+/// releases every held frame and removes the socket file.
 pub struct Server {
     shared: Arc<Shared>,
     listener_forget: Arc<dyn ForgetListener>,
@@ -354,8 +501,7 @@ impl Server {
     /// thread, without locks held, with what happened.
     pub fn start(
         listener: Listener,
-        max_inflight: usize,
-        client_timeout: Option<Duration>,
+        config: Config,
         events: impl Fn(Vec<Event>) + Send + Sync + 'static,
     ) -> std::io::Result<Server> {
         let shared = Arc::new(Shared {
@@ -364,8 +510,13 @@ impl Server {
                 clients: Vec::new(),
                 next_client_id: 1,
                 stream: StreamState::default(),
-                max_inflight,
-                client_timeout,
+                inflight: config.inflight,
+                max_pending: config.max_pending.max(1),
+                accept_paused_until: None,
+                pending_log: RateLimit::default(),
+                accept_log: RateLimit::default(),
+                holders: HashMap::new(),
+                client_timeout: config.client_timeout,
                 frames_rendered: 0,
                 read_only_fds: HashMap::new(),
                 held: HeldStats::default(),
@@ -398,8 +549,59 @@ impl Server {
         lock(&self.shared.registry).known.insert(mem_id)
     }
 
-    pub fn set_max_inflight(&self, max: usize) {
-        lock(&self.shared.state).max_inflight = max.max(1);
+    /// New `max-inflight` / `max-inflight-limit`: consumers whose grant
+    /// changes are told (MAX_INFLIGHT).
+    pub fn set_inflight_limits(&self, limits: InflightLimits) {
+        let mut state = lock(&self.shared.state);
+        state.inflight = limits;
+        for c in state
+            .clients
+            .iter_mut()
+            .filter(|c| c.phase == Phase::Active)
+        {
+            c.regrant(&limits, false);
+        }
+        drop(state);
+        self.shared.waker.wake();
+    }
+
+    pub fn set_max_pending(&self, max: usize) {
+        lock(&self.shared.state).max_pending = max.max(1);
+    }
+
+    /// Waits until every consumer past the handshake has taken all queued
+    /// control messages into its socket (after EOS: the EOS), or `limit`
+    /// passes. Tries to send them itself every few ms (a socket that a reader
+    /// drains a little does not always wake the I/O thread's poll). True
+    /// when nothing is left queued.
+    pub fn wait_flushed(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pending = {
+                let mut state = lock(&self.shared.state);
+                let mut pending = 0;
+                for c in state.clients.iter_mut() {
+                    if c.phase == Phase::Active && c.dead.is_none() && !c.queued.is_empty() {
+                        c.flush();
+                        pending += usize::from(!c.queued.is_empty());
+                    }
+                }
+                pending
+            };
+            if pending == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                gst::info!(
+                    crate::bufsharesink::imp::CAT,
+                    "{} consumers did not take their queued messages within {} ms",
+                    pending,
+                    limit.as_millis()
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn set_client_timeout(&self, timeout: Option<Duration>) {
@@ -460,13 +662,7 @@ impl Server {
             (out.needs_release, &out.frame_bytes, out.frame_id);
         // Distinct frames held now (each pins one buffer), if they are bounded.
         let bound = out.max_held.filter(|_| needs_release);
-        // (Also the record of whether this frame went to anyone.)
-        let mut held: HashSet<u64> = HashSet::new();
-        if bound.is_some() {
-            for c in &state.clients {
-                held.extend(c.inflight.keys().copied());
-            }
-        }
+        let mut sent_to_any = false;
         state.held.max_held = bound.map_or(0, |b| b as u32);
         let mut order: Vec<usize> = (0..state.clients.len()).collect();
         order.sort_by_key(|&i| state.clients[i].inflight.len());
@@ -478,13 +674,14 @@ impl Server {
             }
             client.flush();
             if !client.queued.is_empty()
-                || (needs_release && client.inflight.len() >= state.max_inflight)
+                || (needs_release && client.inflight.len() >= client.granted as usize)
             {
                 client.frames_dropped += 1;
                 continue;
             }
             if let Some(bound) = bound {
-                let held_after = held.len() + usize::from(!held.contains(&frame_id));
+                let held = state.holders.len();
+                let held_after = held + usize::from(!state.holders.contains_key(&frame_id));
                 let keeping_up = client
                     .inflight
                     .keys()
@@ -539,7 +736,8 @@ impl Server {
                         client.inflight.insert(frame_id, out.buffer.clone());
                         client.inflight_peak =
                             client.inflight_peak.max(client.inflight.len() as u32);
-                        held.insert(frame_id);
+                        hold(&mut state.holders, &mut state.held, frame_id);
+                        sent_to_any = true;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.frames_dropped += 1,
@@ -547,15 +745,11 @@ impl Server {
             }
             any_dead |= client.dead.is_some();
         }
-        if needs_release && held.contains(&frame_id) {
+        if sent_to_any {
             if state.recent_sent.len() == RECENT_FRAMES {
                 state.recent_sent.pop_front();
             }
             state.recent_sent.push_back(frame_id);
-        }
-        if bound.is_some() {
-            state.held.frames_held = held.len() as u32;
-            state.held.frames_held_peak = state.held.frames_held_peak.max(held.len() as u32);
         }
         drop(guard);
         if any_dead {
@@ -578,11 +772,7 @@ impl Server {
     pub fn held_stats(&self) -> HeldStats {
         let state = lock(&self.shared.state);
         let mut held = state.held.clone();
-        let mut distinct = HashSet::new();
-        for c in &state.clients {
-            distinct.extend(c.inflight.keys().copied());
-        }
-        held.frames_held = distinct.len() as u32;
+        held.frames_held = state.holders.len() as u32;
         held
     }
 
@@ -603,12 +793,41 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let clients = std::mem::take(&mut lock(&self.shared.state).clients);
-        for c in &clients {
-            c.channel.shutdown();
+        let mut clients = std::mem::take(&mut lock(&self.shared.state).clients);
+        flush_before_closing(&mut clients, FLUSH_LIMIT);
+        for c in clients {
+            // Dropping the client drops every frame it held; what was sent
+            // stays readable by the consumer.
+            c.channel.close();
         }
-        // Dropping the clients drops every frame they held.
-        drop(clients);
+    }
+}
+
+/// Sends what is queued for `clients` (EOS, a DISCONNECT...) as far as their
+/// sockets take it within `limit` in total, trying every few ms.
+fn flush_before_closing(clients: &mut [Client], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut waiting = 0;
+        for c in clients.iter_mut() {
+            if c.dead.is_none() && !c.queued.is_empty() {
+                c.flush();
+                waiting += usize::from(c.dead.is_none() && !c.queued.is_empty());
+            }
+        }
+        if waiting == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            gst::info!(
+                crate::bufsharesink::imp::CAT,
+                "stopping: {} consumers did not take their queued messages within {} ms",
+                waiting,
+                limit.as_millis()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -659,40 +878,58 @@ fn forget_freed(
 }
 
 fn io_loop(shared: &Shared) {
+    use rustix::event::PollFlags;
     let mut buf = vec![0u8; protocol::MAX_MESSAGE_LEN];
     while !shared.stop.load(Ordering::SeqCst) {
         // Poll the waker, the listener and every client, without holding the lock.
-        let (raw, want_write): (Vec<RawFd>, Vec<bool>) = {
-            let state = lock(&shared.state);
+        let (raw, flags, tick) = {
+            let mut state = lock(&shared.state);
+            let now = Instant::now();
+            // Wake often enough to notice a stalled consumer soon after its timeout.
+            let mut tick = state
+                .client_timeout
+                .map_or(Duration::from_millis(500), |t| {
+                    (t / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
+                });
+            // A paused listener stays in the set (poll-set order is fixed) but
+            // is not asked for anything until the pause is over.
+            let listen = match state.accept_paused_until {
+                Some(until) if until > now => {
+                    tick = tick.min(until - now);
+                    PollFlags::empty()
+                }
+                _ => {
+                    state.accept_paused_until = None;
+                    PollFlags::IN
+                }
+            };
             let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
-            let mut ww = vec![false, false];
+            let mut flags = vec![PollFlags::IN, listen];
             for c in &state.clients {
                 raw.push(c.channel.raw_fd());
-                ww.push(!c.queued.is_empty());
+                flags.push(if c.queued.is_empty() {
+                    PollFlags::IN
+                } else {
+                    PollFlags::IN | PollFlags::OUT
+                });
             }
-            (raw, ww)
+            (raw, flags, tick)
         };
         // SAFETY: only this thread closes client sockets and the listener, and
         // not before the next iteration; the waker lives as long as `shared`.
-        let fds: Vec<(BorrowedFd<'_>, bool)> = raw
+        let fds: Vec<(BorrowedFd<'_>, PollFlags)> = raw
             .iter()
-            .zip(&want_write)
-            .map(|(fd, w)| (unsafe { BorrowedFd::borrow_raw(*fd) }, *w))
+            .zip(&flags)
+            .map(|(fd, f)| (unsafe { BorrowedFd::borrow_raw(*fd) }, *f))
             .collect();
-        // Wake often enough to notice a stalled consumer soon after its timeout.
-        let tick = lock(&shared.state)
-            .client_timeout
-            .map_or(Duration::from_millis(500), |t| {
-                (t / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
-            });
-        let revents = match wait(&fds, Some(tick)) {
+        let revents = match wait_for(&fds, Some(tick)) {
             Ok(r) => r,
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
-        if revents[0].contains(rustix::event::PollFlags::IN) {
+        if revents[0].contains(PollFlags::IN) {
             shared.waker.drain();
         }
         let events = {
@@ -731,6 +968,11 @@ fn service(
     // Clients that were polled, by fd (the list may have changed since).
     // Only this thread adds or removes clients, so they are still in poll-set
     // order (after the waker and the listener); the fd check is a safety net.
+    let mut ctx = ReadContext {
+        stream: &state.stream,
+        limits: state.inflight,
+        holders: &mut state.holders,
+    };
     for (i, client) in state.clients.iter_mut().enumerate() {
         let (Some(fd), Some(flags)) = (raw.get(i + 2), revents.get(i + 2)) else {
             continue;
@@ -739,9 +981,14 @@ fn service(
             continue;
         }
         if flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
-            read_client(client, &state.stream, buf, &mut events);
+            read_client(client, &mut ctx, buf, &mut events);
         }
-        if flags.contains(PollFlags::OUT) {
+    }
+    // Queued messages go out as soon as they fit. Tried every round, not only
+    // on POLLOUT: a unix socket polls writable only once its peer has read
+    // three quarters of what it holds, though a message fits much earlier.
+    for client in state.clients.iter_mut() {
+        if !client.queued.is_empty() {
             client.flush();
         }
     }
@@ -769,74 +1016,234 @@ fn service(
     let listener_ready = revents
         .get(1)
         .is_some_and(|f| f.intersects(PollFlags::IN | PollFlags::ERR));
-    if listener_ready {
-        loop {
-            match state.listener.accept() {
-                Ok(Some(channel)) => {
-                    let id = state.next_client_id;
-                    state.next_client_id += 1;
-                    let mut client = Client {
-                        id,
-                        pid: channel.peer_pid(),
-                        channel,
-                        phase: Phase::AwaitingHello {
-                            since: Instant::now(),
-                        },
-                        registered: HashSet::new(),
-                        inflight: HashMap::new(),
-                        queued: VecDeque::new(),
-                        frames_sent: 0,
-                        frames_dropped: 0,
-                        frames_dropped_held: 0,
-                        inflight_peak: 0,
-                        unread_since: None,
-                        last_heard: Instant::now(),
-                        released_any: false,
-                        dead: None,
-                        refused: None,
-                    };
-                    match state.listener.peer_policy().check(&client.channel) {
-                        Ok(()) => client.send_control(&hello(), None),
-                        Err(reason) => {
-                            // No HELLO: the peer's handshake ends on this REFUSE.
-                            client.send_control(
-                                &Message::Refuse {
-                                    reason: reason.clone(),
-                                },
-                                None,
-                            );
-                            client.refused = Some(format!("refused: {reason}"));
-                        }
-                    }
-                    state.clients.push(client);
-                }
-                Ok(None) => break,
-                Err(_) => break,
-            }
-        }
+    if listener_ready && state.accept_paused_until.is_none() {
+        accept_newcomers(state);
     }
 
     // Report handshakes that completed, and drop the dead.
+    let now = Instant::now();
     let mut i = 0;
     while i < state.clients.len() {
         let c = &mut state.clients[i];
         if let Some((reason, warn)) = c.dead.take() {
-            let c = state.clients.remove(i);
-            let was_active = c.phase == Phase::Active;
-            c.channel.shutdown();
-            if was_active || warn {
-                events.push(Event::Disconnected {
-                    client_id: c.id,
-                    reason,
-                    warn,
-                });
+            match c.phase {
+                Phase::Closing { .. } => {
+                    gst::debug!(
+                        crate::bufsharesink::imp::CAT,
+                        "consumer {}: closing: {}",
+                        c.id,
+                        reason
+                    );
+                }
+                Phase::Active => {
+                    events.push(Event::Disconnected {
+                        client_id: c.id,
+                        reason: reason.clone(),
+                        warn,
+                        active: true,
+                    });
+                    // The producer's decision (not the consumer leaving, not a
+                    // broken socket): say why before closing.
+                    if warn && begin_closing(c, &reason, &mut state.holders, now) {
+                        i += 1;
+                        continue;
+                    }
+                }
+                Phase::AwaitingHello { .. } => {
+                    if warn {
+                        events.push(Event::Disconnected {
+                            client_id: c.id,
+                            reason,
+                            warn,
+                            active: false,
+                        });
+                    }
+                }
             }
-            // Dropping `c` releases every frame it held.
+            let mut c = state.clients.remove(i);
+            c.drop_frames(&mut state.holders);
+            c.channel.close();
             continue;
+        }
+        if let Phase::Closing { since } = c.phase {
+            let expired = now.saturating_duration_since(since) > DISCONNECT_LINGER;
+            if c.queued.is_empty() || expired {
+                if expired {
+                    gst::debug!(
+                        crate::bufsharesink::imp::CAT,
+                        "consumer {}: DISCONNECT still not read after {} s, closing",
+                        c.id,
+                        DISCONNECT_LINGER.as_secs()
+                    );
+                }
+                state.clients.remove(i).channel.close();
+                continue;
+            }
         }
         i += 1;
     }
+    // Too many waiting for their DISCONNECT to fit: the oldest go now.
+    let closing = |c: &Client| matches!(c.phase, Phase::Closing { .. });
+    let mut excess = state
+        .clients
+        .iter()
+        .filter(|c| closing(c))
+        .count()
+        .saturating_sub(MAX_CLOSING);
+    while excess > 0 {
+        let oldest = state
+            .clients
+            .iter()
+            .position(closing)
+            .expect("counted above");
+        state.clients.remove(oldest).channel.close();
+        excess -= 1;
+    }
     events
+}
+
+/// A consumer the producer drops: what it held goes back now, it gets
+/// nothing more, and DISCONNECT (why) replaces whatever was queued for it.
+/// True when the DISCONNECT did not fit and the connection stays, closing,
+/// until it does; false when it can be closed now.
+fn begin_closing(
+    c: &mut Client,
+    reason: &str,
+    holders: &mut HashMap<u64, u32>,
+    now: Instant,
+) -> bool {
+    c.drop_frames(holders);
+    c.registered.clear();
+    c.queued.clear();
+    let bytes = protocol::encode(&Message::Disconnect {
+        reason: reason.to_string(),
+    });
+    match c.channel.send(&bytes, &[]) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            c.queued.push_back((bytes, None));
+            c.phase = Phase::Closing { since: now };
+            true
+        }
+        // Sent, or the socket is broken: close now.
+        _ => false,
+    }
+}
+
+/// Accepts what the listener has. Connections that have not said HELLO are
+/// capped (the oldest goes); running out of fds pauses accepting briefly.
+fn accept_newcomers(state: &mut State) {
+    // At most half the pending cap per round: a newcomer survives at least one
+    // round, in which its HELLO (sent at once by a real consumer) is read,
+    // before newer ones could make it the oldest pending connection.
+    for _ in 0..(state.max_pending / 2).max(1) {
+        match state.listener.accept() {
+            Ok(Some(channel)) => {
+                let now = Instant::now();
+                let pending =
+                    |c: &Client| matches!(c.phase, Phase::AwaitingHello { .. }) && c.dead.is_none();
+                if state.clients.iter().filter(|c| pending(c)).count() >= state.max_pending {
+                    let oldest = state
+                        .clients
+                        .iter_mut()
+                        .filter(|c| pending(c))
+                        .min_by_key(|c| match c.phase {
+                            Phase::AwaitingHello { since } => since,
+                            _ => now,
+                        })
+                        .expect("counted above");
+                    oldest.kill(
+                        format!(
+                            "more than {} connections without HELLO (max-pending-connections): closing the oldest",
+                            state.max_pending
+                        ),
+                        false,
+                    );
+                    if let Some(held_back) = state.pending_log.ready(now) {
+                        gst::info!(
+                            crate::bufsharesink::imp::CAT,
+                            "{} connections have not said HELLO (max-pending-connections={}): closing the oldest, consumer {} (pid {:?}){}",
+                            state.max_pending,
+                            state.max_pending,
+                            oldest.id,
+                            oldest.pid,
+                            if held_back > 0 {
+                                format!("; {held_back} more closed since the last report")
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+                let id = state.next_client_id;
+                state.next_client_id += 1;
+                let mut client = Client {
+                    id,
+                    pid: channel.peer_pid(),
+                    channel,
+                    phase: Phase::AwaitingHello { since: now },
+                    registered: HashSet::new(),
+                    asked: 0,
+                    granted: 0,
+                    inflight: HashMap::new(),
+                    queued: VecDeque::new(),
+                    frames_sent: 0,
+                    frames_dropped: 0,
+                    frames_dropped_held: 0,
+                    inflight_peak: 0,
+                    unread_since: None,
+                    last_heard: now,
+                    released_any: false,
+                    dead: None,
+                    refused: None,
+                };
+                match state.listener.peer_policy().check(&client.channel) {
+                    Ok(()) => client.send_control(&hello(), None),
+                    Err(reason) => {
+                        // No HELLO: the peer's handshake ends on this REFUSE.
+                        client.send_control(
+                            &Message::Refuse {
+                                reason: reason.clone(),
+                            },
+                            None,
+                        );
+                        client.refused = Some(format!("refused: {reason}"));
+                    }
+                }
+                state.clients.push(client);
+            }
+            Ok(None) => break,
+            // The peer gave up before we took it: next one.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => {
+                // Out of fds (EMFILE, ENFILE) or memory: the connection stays
+                // in the backlog; try again after a pause instead of spinning.
+                let now = Instant::now();
+                state.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                if let Some(held_back) = state.accept_log.ready(now) {
+                    gst::warning!(
+                        crate::bufsharesink::imp::CAT,
+                        "cannot accept a consumer on {}: {}; retrying in {} ms{}",
+                        state.listener.path().display(),
+                        e,
+                        ACCEPT_BACKOFF.as_millis(),
+                        if held_back > 0 {
+                            format!(" ({held_back} more failures since the last report)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// What reading a client needs besides the client.
+struct ReadContext<'a> {
+    stream: &'a StreamState,
+    limits: InflightLimits,
+    holders: &'a mut HashMap<u64, u32>,
 }
 
 fn hello() -> Message {
@@ -848,7 +1255,12 @@ fn hello() -> Message {
 }
 
 /// Reads everything a client sent.
-fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events: &mut Vec<Event>) {
+fn read_client(
+    client: &mut Client,
+    ctx: &mut ReadContext<'_>,
+    buf: &mut [u8],
+    events: &mut Vec<Event>,
+) {
     loop {
         if client.dead.is_some() {
             return;
@@ -859,6 +1271,10 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                 let reason = client.refused.take().unwrap_or_default();
                 client.kill(reason, true);
                 return;
+            }
+            // A closing consumer's messages (late RELEASEs) are read and ignored.
+            Ok(Received::Message { .. }) if matches!(client.phase, Phase::Closing { .. }) => {
+                continue
             }
             Ok(Received::Message { len, fds }) => (len, fds),
             Ok(Received::Closed) => {
@@ -874,6 +1290,10 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                     Some(reason) => client.kill(reason, true),
                     None => client.kill("consumer closed the connection".into(), false),
                 }
+                return;
+            }
+            Err(e) if matches!(client.phase, Phase::Closing { .. }) => {
+                client.kill(format!("reading failed: {e}"), false);
                 return;
             }
             Err(e) => {
@@ -909,16 +1329,19 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                     client.kill(reason, true);
                 } else {
                     client.phase = Phase::Active;
-                    if let Some(caps) = &stream.caps {
+                    // What it may hold, before anything else (it asked for
+                    // nothing yet: the default).
+                    client.regrant(&ctx.limits, true);
+                    if let Some(caps) = &ctx.stream.caps {
                         client.send_control(
                             &Message::Caps {
                                 caps: caps.clone(),
-                                latency: stream.latency,
+                                latency: ctx.stream.latency,
                             },
                             None,
                         );
                     }
-                    if stream.eos {
+                    if ctx.stream.eos {
                         client.send_control(&Message::Eos, None);
                     }
                     events.push(Event::Connected {
@@ -939,10 +1362,13 @@ fn read_client(client: &mut Client, stream: &StreamState, buf: &mut [u8], events
                         );
                         return;
                     }
+                    unhold(ctx.holders, id);
                 }
             }
-            // Per-consumer grants are not applied yet; the request is accepted.
-            (Phase::Active, Message::MaxInflight { .. }) => {}
+            (Phase::Active, Message::MaxInflight { frames }) => {
+                client.asked = frames;
+                client.regrant(&ctx.limits, true);
+            }
             (phase, msg) => {
                 let when = if *phase == Phase::Active {
                     "after the handshake"
