@@ -49,7 +49,7 @@ impl Session {
         gst_launch(
             name,
             &format!(
-                "-v bufsharesrc socket={} on-disconnect=reconnect ! {tail}",
+                "-v bufsharesrc socket={} on-disconnect=reconnect on-eos=forward ! {tail}",
                 self.socket.display()
             ),
             &self.log(name),

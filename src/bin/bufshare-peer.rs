@@ -13,7 +13,8 @@
 //!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
 //!                       [--frame-lines 0|1]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
-//!                       [--on-disconnect error|eos|reconnect] [--reconnect-interval MS] [--sum-bytes N]
+//!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
+//!                       [--reconnect-interval MS] [--sum-bytes N]
 //! ```
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=.. fd=..`
@@ -811,6 +812,8 @@ fn consume(args: &Args) -> Result<(), String> {
         .property("socket", &socket)
         .property("timeout", args.num("timeout", 5000))
         .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
+        // The harness ends with its producer's EOS in every mode unless told otherwise.
+        .property_from_str("on-eos", &args.str("on-eos", "forward"))
         .property("reconnect-interval", args.num("reconnect-interval", 100))
         .build()
         .map_err(|e| e.to_string())?;
