@@ -426,3 +426,42 @@ fn a_deep_queue_gets_every_frame() {
     println!("deep queue: {frames} frames");
     assert!(frames >= 160, "{frames} frames");
 }
+
+/// A consumer process stopped (SIGSTOP) for longer than the producer's
+/// `client-timeout` is dropped; when it runs again it fails with the reason
+/// the producer gave, not "the producer went away".
+#[test]
+fn a_stalled_consumer_is_told_why_it_was_dropped() {
+    init();
+    let dir = TempDir::new(TAG, "stalled");
+    let socket = dir.path("cam.sock");
+    let _producer = camera(&dir, &socket, "client-timeout=1000");
+    wait_for_path(&socket, Duration::from_secs(30));
+    let log = dir.path("consumer.log");
+    let consumer = gst_launch(
+        "stalled consumer",
+        &format!(
+            "-v bufsharesrc socket={} ! fakesink silent=false",
+            socket.display()
+        ),
+        &log,
+    );
+    wait_for_log(&log, Duration::from_secs(30), "frames", |l| chain_lines(l) >= 10);
+    consumer.signal(Signal::STOP);
+    std::thread::sleep(Duration::from_secs(3));
+    consumer.signal(Signal::CONT);
+    let status = consumer.wait(Duration::from_secs(60));
+    let summary = log_summary(&log);
+    assert!(!status.success(), "it was not dropped:\n{summary}");
+    assert!(
+        summary.contains("disconnected by the producer") && summary.contains("client-timeout"),
+        "{summary}"
+    );
+    println!(
+        "{}",
+        summary
+            .lines()
+            .find(|l| l.contains("disconnected by the producer"))
+            .unwrap_or_default()
+    );
+}
