@@ -20,6 +20,7 @@ packages=(
   gstreamer1.0-plugins-good       # jpegenc, avimux, mp4mux, rtph264pay, udpsink, v4l2src
   gstreamer1.0-plugins-bad        # h264parse, fpsdisplaysink, shmsink/shmsrc (benchmark)
   gstreamer1.0-plugins-ugly       # x264enc
+  gstreamer1.0-libav              # avenc_aac/avdec_aac (planar audio), avdec_h264 (tests, README)
   gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
   # tests: count the fds passed with SCM_RIGHTS
   strace
