@@ -90,9 +90,12 @@ fn lagging_recorder_finishes_its_file_when_the_producer_stops_with_eos() {
         &recorder_log,
     );
     // Let it fall behind by a few frames, then stop the producer as a user would.
-    wait_for_log(&recorder_log, Duration::from_secs(30), "recorder playing", |l| {
-        l.contains("Setting pipeline to PLAYING")
-    });
+    wait_for_log(
+        &recorder_log,
+        Duration::from_secs(30),
+        "recorder playing",
+        |l| l.contains("Setting pipeline to PLAYING"),
+    );
     std::thread::sleep(Duration::from_secs(4));
     producer.signal(Signal::INT);
     producer.wait_ok(Duration::from_secs(30));
@@ -192,24 +195,40 @@ fn consumer_waits_in_playing_for_a_producer_that_negotiates_late() {
         &format!("bufsharesrc socket={} ! fdsink fd=1", socket.display()),
         &consumer_log,
     );
-    wait_for_log(&consumer_log, Duration::from_secs(30), "consumer playing", |l| {
-        l.contains("Setting pipeline to PLAYING")
-    });
+    wait_for_log(
+        &consumer_log,
+        Duration::from_secs(30),
+        "consumer playing",
+        |l| l.contains("Setting pipeline to PLAYING"),
+    );
     std::thread::sleep(Duration::from_secs(3));
     let log = log_of(&consumer_log);
-    assert!(!log.contains("ERROR"), "the consumer gave up waiting:\n{log}");
+    assert!(
+        !log.contains("ERROR"),
+        "the consumer gave up waiting:\n{log}"
+    );
     writeln!(stdin, "first line, 3 s late").unwrap();
-    wait_for_log(&consumer_log, Duration::from_secs(30), "the first line", |l| {
-        l.contains("first line, 3 s late")
-    });
+    wait_for_log(
+        &consumer_log,
+        Duration::from_secs(30),
+        "the first line",
+        |l| l.contains("first line, 3 s late"),
+    );
     writeln!(stdin, "second line").unwrap();
-    wait_for_log(&consumer_log, Duration::from_secs(30), "the second line", |l| {
-        l.contains("second line")
-    });
+    wait_for_log(
+        &consumer_log,
+        Duration::from_secs(30),
+        "the second line",
+        |l| l.contains("second line"),
+    );
     drop(stdin); // fdsrc reads EOF: the producer sends EOS
     producer.wait_ok(Duration::from_secs(30));
     let status = consumer.wait(Duration::from_secs(30));
-    assert!(status.success(), "consumer: {status}\n{}", log_of(&consumer_log));
+    assert!(
+        status.success(),
+        "consumer: {status}\n{}",
+        log_of(&consumer_log)
+    );
 }
 
 /// `on-disconnect=reconnect` consumers outlive a producer stopped with `-e`
@@ -246,7 +265,11 @@ fn reconnecting_consumer_waits_through_a_producers_eos_for_the_next_one() {
     first.signal(Signal::INT);
     first.wait_ok(Duration::from_secs(30));
     let status = ending.wait(Duration::from_secs(30));
-    assert!(status.success(), "on-eos=forward: {status}\n{}", log_of(&ending_log));
+    assert!(
+        status.success(),
+        "on-eos=forward: {status}\n{}",
+        log_of(&ending_log)
+    );
     std::thread::sleep(Duration::from_millis(500));
     let mut waiting = waiting;
     assert!(
@@ -256,9 +279,12 @@ fn reconnecting_consumer_waits_through_a_producers_eos_for_the_next_one() {
     );
     let before = chain_lines(&log_of(&waiting_log));
     let second = camera(&dir, &socket, "");
-    wait_for_log(&waiting_log, Duration::from_secs(30), "the second producer's frames", |l| {
-        chain_lines(l) >= before + 10
-    });
+    wait_for_log(
+        &waiting_log,
+        Duration::from_secs(30),
+        "the second producer's frames",
+        |l| chain_lines(l) >= before + 10,
+    );
     second.kill9();
     waiting.signal(Signal::INT);
     waiting.wait(Duration::from_secs(30));
@@ -312,7 +338,10 @@ fn frames_skipped_for_a_blocked_consumer_are_counted_and_marked_discont() {
     let skipped = stats.get::<u64>("frames-skipped").unwrap();
     assert!(skipped >= 5, "{stats}");
     assert!(discont >= 1, "no DISCONT after {skipped} skipped frames");
-    assert!(stats.get::<u64>("frames-received").unwrap() >= 35, "{stats}");
+    assert!(
+        stats.get::<u64>("frames-received").unwrap() >= 35,
+        "{stats}"
+    );
 }
 
 /// The most common consumer there is: a recorder with x264enc's default
@@ -365,7 +394,11 @@ fn default_x264_recorders_record_the_whole_run() {
         p.signal(Signal::INT);
     }
     let ran = started.elapsed();
-    for (p, log) in [(copying, &copying_log), (holding, &holding_log), (plain, &plain_log)] {
+    for (p, log) in [
+        (copying, &copying_log),
+        (holding, &holding_log),
+        (plain, &plain_log),
+    ] {
         let status = p.wait(Duration::from_secs(60));
         assert!(status.success(), "{status}:\n{}", log_of(log));
     }
@@ -379,9 +412,18 @@ fn default_x264_recorders_record_the_whole_run() {
     println!(
         "over {ran:?}: default recorder {copied_frames} frames, max-inflight=64 recorder {held_frames}, plain consumer {plain_frames}"
     );
-    assert!(copied_frames >= expected, "default x264enc recorder: {copied_frames} frames");
-    assert!(held_frames >= expected, "max-inflight=64 recorder: {held_frames} frames");
-    assert!(plain_frames >= expected as usize, "plain consumer: {plain_frames} frames");
+    assert!(
+        copied_frames >= expected,
+        "default x264enc recorder: {copied_frames} frames"
+    );
+    assert!(
+        held_frames >= expected,
+        "max-inflight=64 recorder: {held_frames} frames"
+    );
+    assert!(
+        plain_frames >= expected as usize,
+        "plain consumer: {plain_frames} frames"
+    );
     let warned = log_of(&copying_log);
     assert!(
         warned.contains("copying newer frames") && warned.contains("Set max-inflight"),
@@ -412,9 +454,12 @@ fn a_deep_queue_gets_every_frame() {
         ),
         &deep_log,
     );
-    wait_for_log(&deep_log, Duration::from_secs(60), "frames past the queue", |l| {
-        chain_lines(l) >= 60
-    });
+    wait_for_log(
+        &deep_log,
+        Duration::from_secs(60),
+        "frames past the queue",
+        |l| chain_lines(l) >= 60,
+    );
     producer.signal(Signal::INT);
     producer.wait_ok(Duration::from_secs(30));
     let status = deep.wait(Duration::from_secs(60));
@@ -446,7 +491,9 @@ fn a_stalled_consumer_is_told_why_it_was_dropped() {
         ),
         &log,
     );
-    wait_for_log(&log, Duration::from_secs(30), "frames", |l| chain_lines(l) >= 10);
+    wait_for_log(&log, Duration::from_secs(30), "frames", |l| {
+        chain_lines(l) >= 10
+    });
     consumer.signal(Signal::STOP);
     std::thread::sleep(Duration::from_secs(3));
     consumer.signal(Signal::CONT);

@@ -626,5 +626,8 @@ proptest! {
 #[test]
 fn hello_of_a_version_2_producer_matches_the_worked_example() {
     let enc = encode(&hello(VERSION, Role::Producer, 0));
-    assert_eq!(enc, hex("0100 0000 10000000 | 4255465348415245 0200 01 00 00000000"));
+    assert_eq!(
+        enc,
+        hex("0100 0000 10000000 | 4255465348415245 0200 01 00 00000000")
+    );
 }
