@@ -139,7 +139,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecUInt::builder("max-inflight-limit")
                     .nick("Most frames a consumer may ask to hold")
-                    .blurb("A consumer may ask to hold more or fewer frames at once than max-inflight (bufsharesrc asks for what its pipeline needs); it gets what it asked for, up to this many. Each frame held pins one buffer of the producer. Consumers are told their grant, again when this changes.")
+                    .blurb("A consumer may ask to hold more or fewer frames at once than max-inflight (bufsharesrc's own max-inflight property; 0 there takes this element's max-inflight); it gets what it asked for, up to this many. Each frame held pins one buffer of the producer. Consumers are told their grant, again when this changes.")
                     .minimum(1)
                     .maximum(1024)
                     .default_value(DEFAULT_MAX_INFLIGHT_LIMIT)

@@ -196,7 +196,7 @@ impl ObjectImpl for BufShareSrc {
                     .build(),
                 glib::ParamSpecEnum::builder::<OnDisconnect>("on-disconnect")
                     .nick("On disconnect")
-                    .blurb("What to do when the producer goes away (closes the socket or dies): error = fail with an error naming the socket; eos = push EOS downstream; reconnect = post a warning, keep the pipeline running, poll for a new producer on the same path every reconnect-interval and go on with its caps (the first buffer after it is marked DISCONT). With reconnect, the element also starts without a producer and waits for one. The producer's own EOS is always forwarded as EOS. A producer that breaks the protocol or refuses us is an error in every mode.")
+                    .blurb("What to do when the producer goes away (closes the socket or dies): error = fail with an error naming the socket; eos = push EOS downstream; reconnect = post a warning, keep the pipeline running, poll for a new producer on the same path every reconnect-interval and go on with its caps (the first buffer after it is marked DISCONT). With reconnect, the element also starts without a producer and waits for one. What the producer's EOS does is on-eos's business (by default it ends the stream, but not with reconnect). A producer that breaks the protocol or refuses us is an error in every mode.")
                     .default_value(OnDisconnect::default())
                     .mutable_playing()
                     .build(),
