@@ -109,18 +109,14 @@ fn lagging_recorder_finishes_its_file_when_the_producer_stops_with_eos() {
     assert!(frames >= 20, "only {frames} frames in {}", mp4.display());
 }
 
-/// A consumer pipeline in this process, PAUSED for a second and PLAYING
-/// again: the frames that waited in its socket meanwhile belong before the
-/// pause; the PTS it pushes must never go backwards.
-#[test]
-fn timestamps_keep_increasing_across_paused_and_playing() {
-    init();
-    let dir = TempDir::new(TAG, "paused");
-    let socket = dir.path("cam.sock");
-    let _producer = camera(&dir, &socket, "");
-    wait_for_path(&socket, Duration::from_secs(30));
+/// A playing consumer pipeline in this process, `bufsharesrc ! appsink` (with
+/// `appsink_props`), for tests that read timestamps, flags and stats.
+fn consumer_in_this_process(
+    socket: &Path,
+    appsink_props: &str,
+) -> (gst::Pipeline, gst::Element, gst_app::AppSink) {
     let consumer = gst::parse::launch(&format!(
-        "bufsharesrc name=src socket={} timeout=10000 ! appsink name=out sync=false",
+        "bufsharesrc name=src socket={} timeout=10000 ! appsink name=out sync=false {appsink_props}",
         socket.display()
     ))
     .unwrap()
@@ -133,6 +129,20 @@ fn timestamps_keep_increasing_across_paused_and_playing() {
         .unwrap();
     let src = consumer.by_name("src").unwrap();
     consumer.set_state(gst::State::Playing).unwrap();
+    (consumer, src, appsink)
+}
+
+/// A consumer pipeline in this process, PAUSED for a second and PLAYING
+/// again: the frames that waited in its socket meanwhile belong before the
+/// pause; the PTS it pushes must never go backwards.
+#[test]
+fn timestamps_keep_increasing_across_paused_and_playing() {
+    init();
+    let dir = TempDir::new(TAG, "paused");
+    let socket = dir.path("cam.sock");
+    let _producer = camera(&dir, &socket, "");
+    wait_for_path(&socket, Duration::from_secs(30));
+    let (consumer, src, appsink) = consumer_in_this_process(&socket, "");
     let mut pts = Vec::new();
     let pull = |pts: &mut Vec<gst::ClockTime>, n: usize| {
         for _ in 0..n {
@@ -300,20 +310,7 @@ fn frames_skipped_for_a_blocked_consumer_are_counted_and_marked_discont() {
     let socket = dir.path("cam.sock");
     let _producer = camera(&dir, &socket, "");
     wait_for_path(&socket, Duration::from_secs(30));
-    let consumer = gst::parse::launch(&format!(
-        "bufsharesrc name=src socket={} timeout=10000 ! appsink name=out sync=false max-buffers=1",
-        socket.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsink = consumer
-        .by_name("out")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
-    let src = consumer.by_name("src").unwrap();
-    consumer.set_state(gst::State::Playing).unwrap();
+    let (consumer, src, appsink) = consumer_in_this_process(&socket, "max-buffers=1");
     let pull = || {
         appsink
             .try_pull_sample(gst::ClockTime::from_seconds(20))
