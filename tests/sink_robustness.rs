@@ -252,16 +252,11 @@ fn idle_connections_under_a_low_fd_limit_do_not_stop_the_producer() {
 /// consumer that stops reading fills its socket within a second.
 fn inline_producer(path: &Path, props: &str) -> (gst::Pipeline, gst::Element) {
     common::init();
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc is-live=true ! video/x-raw,format=GRAY8,width=128,height=96,framerate=200/1 ! bufsharesink name=sink socket={} inline-threshold=32768 {props}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let sink = pipeline.by_name("sink").unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    (pipeline, sink)
+    common::live_producer_of(
+        path,
+        "video/x-raw,format=GRAY8,width=128,height=96,framerate=200/1",
+        &format!("inline-threshold=32768 {props}"),
+    )
 }
 
 /// A consumer that stops reading is dropped after client-timeout, and the last

@@ -119,8 +119,22 @@ pub fn hello(version: u16, role: Role) -> Message {
 /// A playing producer pipeline: a live 64x48 NV12 test source into a
 /// bufsharesink named `sink` on `path`, with `sink_props` (`name=value ...`).
 pub fn live_producer_with(path: &Path, sink_props: &str) -> (gst::Pipeline, gst::Element) {
+    live_producer_of(
+        path,
+        "video/x-raw,format=NV12,width=64,height=48,framerate=30/1",
+        sink_props,
+    )
+}
+
+/// A playing producer pipeline: a live test source with `caps` into a
+/// bufsharesink named `sink` on `path`, with `sink_props`.
+pub fn live_producer_of(
+    path: &Path,
+    caps: &str,
+    sink_props: &str,
+) -> (gst::Pipeline, gst::Element) {
     let pipeline = gst::parse::launch(&format!(
-        "videotestsrc is-live=true ! video/x-raw,format=NV12,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={} {sink_props}",
+        "videotestsrc is-live=true ! {caps} ! bufsharesink name=sink socket={} {sink_props}",
         path.display()
     ))
     .unwrap()
