@@ -764,6 +764,8 @@ fn a_hundred_consumers_killed_at_random_leak_nothing() {
     // in appsrc when the stream was ended).
     assert!(returned >= pushed, "rendered {pushed}, back {returned}");
     assert_eq!(made, freed, "buffers did not come back");
+    let kept: usize = p.summary["memfds-after-stop"].parse().unwrap();
+    assert_eq!(kept, 0, "{kept} memfds still open in the stopped producer");
     assert!(
         !warnings.contains("error") && !warnings.contains("warning"),
         "producer complained: {warnings}"
@@ -938,6 +940,14 @@ fn soak_1080p30_with_consumers_joining_and_leaving_at_random() {
         );
         assert_eq!(h.frames.len(), rendered, "healthy consumer {i} lost frames");
     }
+    // Every frame came back: once stopped, the producer has no memfd open
+    // (a frame a departed consumer's entry kept would keep its memory).
+    let kept: usize = p.summary["memfds-after-stop"].parse().unwrap();
+    println!("soak: memfds still open in the stopped producer: {kept}");
+    assert_eq!(
+        kept, 0,
+        "{kept} frames never came back to the stopped producer"
+    );
     // Only the healthy consumers' connections and the listener are left on
     // the socket, at both ends (waited for), and no memfd has an fd beyond
     // the pool's own and the sink's read-only reopen.
