@@ -7,7 +7,7 @@
 //! the producer through weak references. No timing thresholds.
 
 mod common;
-use common::{Proc, TempDir};
+use common::{wait_for_consumers, Proc, TempDir};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -169,9 +169,22 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     let dir = TempDir::new("mp", "fanout");
     let socket = dir.path("cam.sock");
     let frames = 90; // 3 s at 30 fps
-    let prod = producer(&socket, &dir.path("producer.txt"), "test", frames, 2);
+                     // A second of frames in flight: the steady consumer loses none even if
+                     // the loaded machine does not run it for that long.
+    let prod = producer_with(
+        &socket,
+        &dir.path("producer.txt"),
+        "test",
+        frames,
+        2,
+        &["--max-inflight", "30"],
+    );
     let steady = consumer(&socket, &dir.path("steady.txt"));
     let victim = consumer(&socket, &dir.path("victim.txt"));
+    // The stream starts when both are in; the late one joins a second later
+    // (not a second after they were started: on a loaded machine starting
+    // them can take longer than that).
+    wait_for_consumers(&socket, 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(1000));
     let late = consumer(&socket, &dir.path("late.txt"));
     std::thread::sleep(Duration::from_millis(500));
@@ -362,7 +375,10 @@ fn consumer_reports_a_producer_that_dies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Frames flow for a second once it is in (it may take longer than that
+    // to start on a loaded machine).
+    wait_for_consumers(&socket, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
     prod.kill9();
     let out = cons.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -464,7 +480,9 @@ fn consumer_follows_a_restarted_producer_to_its_new_caps() {
         1,
         &["--format", "RGBA", "--width", "320", "--height", "240"],
     );
-    std::thread::sleep(Duration::from_millis(3000));
+    // The consumer finds A (it retries every 100 ms) and gets its frames for a while.
+    wait_for_consumers(&socket, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(2000));
     a.kill9();
     std::thread::sleep(Duration::from_millis(500));
     // 10 fps: the consumer checksums every byte of every frame (a debug
@@ -551,7 +569,8 @@ fn on_disconnect_eos_ends_the_consumer_cleanly() {
     let mut cmd = consumer_cmd(&socket, &dir.path("c.txt"));
     cmd.args(["--on-disconnect", "eos"]);
     let cons = Proc::new("consumer with on-disconnect=eos", cmd.spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_consumers(&socket, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
     prod.kill9();
     cons.wait_ok(Duration::from_secs(60));
     let c = read_runs(&dir.path("c.txt"));
