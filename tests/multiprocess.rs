@@ -218,14 +218,33 @@ fn fan_out_to_consumers_that_join_late_and_die() {
     // GstVideoMeta travelled (NV12: two planes).
     assert_eq!(steady.frames[&0].strides, p.frames[&0].strides);
     assert_eq!(steady.frames[&0].strides.split(':').count(), 2);
-    // Running time lines up: the same frame is at the same clock time in both processes.
-    for (offset, f) in &steady.frames {
-        assert_eq!(
-            f.clock, p.frames[offset].clock,
-            "frame {offset}: clock time differs"
-        );
+    // Running time lines up: the same frame is at the same clock time in both
+    // processes. Except for the first frames when the producer (which starts
+    // once both consumers connected) rendered them before the consumer's own
+    // pipeline reached PLAYING, as happens on a loaded machine: a running
+    // time cannot be negative, so bufsharesrc stamps them 0, and their clock
+    // time there is its base time, later than the producer's. Those form a
+    // leading run at one clock time; every frame after it must match.
+    let first = steady.frames.values().next().unwrap().clock;
+    let mut before_playing = 0;
+    for (i, (offset, f)) in steady.frames.iter().enumerate() {
         assert!(f.clock.is_some());
+        let at_producer = p.frames[offset].clock;
+        if i == before_playing && f.clock == first && at_producer < first {
+            before_playing += 1;
+            continue;
+        }
+        assert_eq!(f.clock, at_producer, "frame {offset}: clock time differs");
     }
+    println!(
+        "fan-out: {before_playing} frame(s) rendered before the steady consumer was PLAYING (stamped with its base time); the other {} at the same clock time in both processes",
+        steady.frames.len() - before_playing
+    );
+    assert!(
+        before_playing < steady.frames.len() / 2,
+        "{before_playing} of {} frames before the consumer was PLAYING",
+        steady.frames.len()
+    );
 }
 
 /// The fds that arrived with SCM_RIGHTS, as numbers, in an strace log.
