@@ -21,9 +21,11 @@
 //! per frame (`wall`: CLOCK_MONOTONIC ns when the frame reached the sink or the appsink; `fd`: the
 //! fd number of the memory in this process, -1 if none).
 //!
-//! Producers end with `summary pushed=.. returned=.. made=.. freed=.. inodes=..` (`slots` source:
-//! `returned` buffers came back before the pipeline stopped, `made` were created and `freed`
-//! came back in all, some never having reached the sink when the stream was ended early), and with `--stats-every` lines
+//! Producers end with `summary pushed=.. returned=.. made=.. freed=.. memfds-after-stop=.. inodes=..`
+//! (`slots` source: `returned` buffers came back before the pipeline stopped, `made` were created
+//! and `freed` came back in all, some never having reached the sink when the stream was ended
+//! early; `memfds-after-stop`: memfd fds still open once the pipeline is stopped, frames someone
+//! kept, 0 when everything came back), and with `--stats-every` lines
 //! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
 //! `--frame-lines 0` makes a producer keep no line per frame (its memory stays flat in long
 //! runs; `summary pushed=` still counts them). `--source slots` cycles through `--slots` memfds (12 by default). `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
@@ -474,10 +476,20 @@ fn produce(args: &Args) -> Result<(), String> {
     let returned_before_stop = returned.load(Ordering::SeqCst);
     let stats = sink.property::<gst::Structure>("stats");
     pipeline.set_state(gst::State::Null).unwrap();
+    // Stopped, the pipeline has let go of every frame: the pool's memories
+    // and the sink's read-only reopens are closed. A memfd still open is a
+    // frame someone kept a reference to (the slots source's own memfds went
+    // with its generator when the pusher thread ended).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut memfds_after_stop = own_memfds();
+    while memfds_after_stop > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        memfds_after_stop = own_memfds();
+    }
     let freed = returned.load(Ordering::SeqCst);
     let pushed = rendered_count.load(Ordering::SeqCst);
     report.push(format!(
-        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} inodes={}",
+        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} memfds-after-stop={memfds_after_stop} inodes={}",
         made.load(Ordering::SeqCst),
         inodes
             .lock()
@@ -494,6 +506,20 @@ fn produce(args: &Args) -> Result<(), String> {
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
     result
+}
+
+/// memfd fds open in this process.
+fn own_memfds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// One `client ...` report line per consumer, from the sink's stats.

@@ -292,3 +292,41 @@ pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
     }
     (count, last_pts)
 }
+
+/// Inodes of the AF_UNIX sockets bound to `path`, from /proc/net/unix: the
+/// listener and, server side, every connection it accepted (they carry the
+/// listener's address). Match them against /proc/PID/fd (`socket:[INODE]`)
+/// to count one process's connections.
+pub fn unix_socket_inodes(path: &Path) -> std::collections::BTreeSet<u64> {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let path = path.to_str().unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 7 && f[7..].join(" ") == path).then(|| f[6].parse().ok())?
+        })
+        .collect()
+}
+
+/// Waits up to `limit` until `consumers` connections are open on the
+/// producer socket `path` (besides its listener): on a loaded machine a
+/// consumer process can take seconds to start, so tests wait for it rather
+/// than sleep a fixed time.
+pub fn wait_for_consumers(path: &Path, consumers: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let open = unix_socket_inodes(path).len().saturating_sub(1);
+        if open >= consumers {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} of {consumers} consumers connected to {} in {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
