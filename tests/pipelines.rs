@@ -509,3 +509,44 @@ fn a_stalled_consumer_is_told_why_it_was_dropped() {
             .unwrap_or_default()
     );
 }
+
+/// A consumer that connects, then takes a second to reach PLAYING (a busy
+/// machine, a slow element): the frames that waited in its socket were
+/// rendered before its base time. Its recorder must still write a playable
+/// file.
+#[test]
+fn a_recorder_slow_to_reach_playing_writes_a_playable_file() {
+    init();
+    let dir = TempDir::new(TAG, "slow-start");
+    let socket = dir.path("cam.sock");
+    let _producer = camera(&dir, &socket, "");
+    wait_for_path(&socket, Duration::from_secs(30));
+    let mp4 = dir.path("slow-start.mp4");
+    let consumer = gst::parse::launch(&format!(
+        "bufsharesrc socket={} timeout=10000 ! identity sleep-time=50000 ! videoconvert ! x264enc tune=zerolatency speed-preset=ultrafast ! h264parse ! mp4mux ! filesink location={}",
+        socket.display(),
+        mp4.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    consumer.set_state(gst::State::Paused).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    consumer.set_state(gst::State::Playing).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    consumer.send_event(gst::event::Eos::new());
+    let bus = consumer.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("EOS or an error");
+    consumer.set_state(gst::State::Null).unwrap();
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("recorder failed: {} ({:?})", e.error(), e.debug());
+    }
+    let (frames, _) = common::decode_file(&mp4);
+    println!("slow-start recorder: {frames} frames");
+    assert!(frames >= 20, "{frames} frames");
+}

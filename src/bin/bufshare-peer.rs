@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! bufshare-peer produce --socket S [--source test|slots|pool|rgba-padded|tensors|text|audio|caps-change]
-//!                       [--frames N] [--width W --height H --fps F] [--wait-clients M] [--report FILE]
+//!                       [--frames N] [--width W --height H --fps F] [--wait-clients M [--settle MS]] [--report FILE]
 //!                       [--backend auto|memfd|dma-heap|drm|v4l2] [--heap NAME|PATH] [--device PATH]
 //!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
 //!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
@@ -421,6 +421,11 @@ fn produce(args: &Args) -> Result<(), String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if wait_clients > 0 {
+        // They are connected; give their pipelines time to reach PLAYING:
+        // a consumer drops frames rendered before its base time.
+        std::thread::sleep(Duration::from_millis(args.num("settle", 500)));
     }
     println!("ready");
     pipeline

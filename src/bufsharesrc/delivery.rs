@@ -12,7 +12,13 @@
 //!   late and released at once. That happens to frames that waited in the
 //!   socket while the pipeline was PAUSED: back in PLAYING the base time has
 //!   moved on, so they map to running times before the ones already pushed.
-//!   A live source drops what it produced while paused; so do we.
+//!   A live source drops what it produced while paused; so do we. For the
+//!   same reason a frame from before this pipeline's base time (rendered
+//!   before the consumer reached PLAYING, or older than the producer's
+//!   latency when the consumer joins) is dropped, not stamped 0 with the
+//!   others: a run of buffers at one timestamp breaks encoders and muxers
+//!   (x264enc ! mp4mux: "Buffer has no PTS"), and a sink that syncs would
+//!   drop them as late anyway.
 //! - **Consumers that hold many frames.** The producer lets each consumer
 //!   hold `max_inflight` frames (MAX_INFLIGHT). When downstream keeps more
 //!   than that (an encoder's lookahead, a deep queue), the producer would
@@ -112,8 +118,8 @@ impl Delivery {
             self.discont = true;
             return Decision::Drop(DropReason::Stale);
         }
-        if let (Some(t), Some(last)) = (f.time, self.last_time) {
-            if t < last {
+        if let Some(t) = f.time {
+            if t < 0 || self.last_time.is_some_and(|last| t < last) {
                 self.counters.dropped_late += 1;
                 self.discont = true;
                 return Decision::Drop(DropReason::Late);
@@ -203,6 +209,18 @@ mod tests {
         let mut untimed = facts(16, 0);
         untimed.time = None;
         assert_eq!(d.decide(&untimed), PUSH);
+    }
+
+    #[test]
+    fn frames_from_before_the_base_time_are_late() {
+        let mut d = Delivery::default();
+        assert_eq!(
+            d.decide(&facts(1, -2_000_000)),
+            Decision::Drop(DropReason::Late)
+        );
+        assert_eq!(d.decide(&facts(2, -1)), Decision::Drop(DropReason::Late));
+        assert_eq!(d.decide(&facts(3, 0)), PUSH_DISCONT);
+        assert_eq!(d.counters.dropped_late, 2);
     }
 
     #[test]

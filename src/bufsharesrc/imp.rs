@@ -190,7 +190,7 @@ impl ObjectImpl for BufShareSrc {
                     .build(),
                 glib::ParamSpecUInt64::builder("timeout")
                     .nick("Timeout (ms)")
-                    .blurb("Milliseconds that start (READY to PAUSED) waits for a producer to appear on the socket and complete the handshake; past it the element fails with an error saying which of these it was waiting for. Start then waits up to the same deadline for the producer's caps, and a producer that has none yet (nothing negotiated) is waited for in PLAYING, without limit, as is every frame once streaming. With on-disconnect=reconnect, start does not wait and this bounds each handshake instead.")
+                    .blurb("Milliseconds that start (READY to PAUSED) waits for a producer to appear on the socket and complete the handshake; past it the element fails with an error saying which of these it was waiting for. The producer's caps and frames are waited for in PLAYING, without limit (a producer that has not negotiated yet is fine). With on-disconnect=reconnect, start does not wait and this bounds each handshake instead.")
                     .default_value(DEFAULT_TIMEOUT_MS)
                     .mutable_ready()
                     .build(),
@@ -660,51 +660,20 @@ impl BaseSrcImpl for BufShareSrc {
         }
         let deadline = Instant::now() + Duration::from_millis(settings.timeout_ms);
         let flushing = || self.is_flushing();
-        let result = (|| {
-            let mut conn = Connection::connect(
-                &PathBuf::from(&socket),
-                deadline,
-                settings.max_inflight,
-                self.waker.clone(),
-                &flushing,
-            )?;
-            // A producer that has negotiated sends CAPS first: take them now,
-            // so downstream negotiates before PLAYING. One that has not yet
-            // (nothing upstream of it has produced) is waited for in PLAYING.
-            match conn.next(Some(deadline), &flushing, "waiting for the producer's caps") {
-                Ok(Incoming::Caps { caps, latency }) => {
-                    Ok((conn, Some((self.parse_caps(&caps)?, latency))))
-                }
-                Ok(Incoming::Eos) => Err(ReceiveError::Protocol(
-                    "producer ended the stream before sending caps".into(),
-                )),
-                Ok(Incoming::Frame(..)) => Err(ReceiveError::Protocol(
-                    "producer sent a frame before caps".into(),
-                )),
-                Err(ReceiveError::Timeout(_)) => Ok((conn, None)),
-                Err(e) => Err(e),
-            }
-        })();
-        let (conn, caps) = result.map_err(|e| self.error_for(&e, &socket))?;
-        let mut link = self.link.lock().unwrap();
-        self.adopt(&mut link, conn);
-        match caps {
-            Some((caps, latency)) => {
-                gst::info!(CAT, imp = self, "connected to {}, caps {}", socket, caps);
-                link.awaiting_caps = false;
-                *self.stream.lock().unwrap() = Stream {
-                    caps: Some(caps),
-                    pending_caps: None,
-                    latency,
-                };
-            }
-            None => gst::info!(
-                CAT,
-                imp = self,
-                "connected to {}; the producer has no caps yet: waiting for them in PLAYING",
-                socket
-            ),
-        }
+        // Only the producer's presence and handshake are waited for here.
+        // Its caps come with the stream, in PLAYING: waiting for them now
+        // would hold this pipeline back until the producer's first frame, and
+        // every frame rendered before our base time is dropped as late.
+        let conn = Connection::connect(
+            &PathBuf::from(&socket),
+            deadline,
+            settings.max_inflight,
+            self.waker.clone(),
+            &flushing,
+        )
+        .map_err(|e| self.error_for(&e, &socket))?;
+        self.adopt(&mut self.link.lock().unwrap(), conn);
+        gst::info!(CAT, imp = self, "connected to {}", socket);
         Ok(())
     }
 
