@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh
+# Tests that run gst-launch-1.0 load the plugin from target/debug, which
+# `cargo test` alone does not refresh: build it first.
+cargo build --workspace
 exec cargo test --workspace "$@"
