@@ -154,28 +154,6 @@ fn live_producer(path: &Path) -> (gst::Pipeline, gst::Element) {
     common::live_producer_with(path, "")
 }
 
-/// An appsrc ! bufsharesink producer on `path` (caps optional), started.
-fn appsrc_producer(
-    path: &Path,
-    caps: Option<&str>,
-) -> (gst::Pipeline, gst_app::AppSrc, gst::Element) {
-    let caps = caps.map(|c| format!("caps={c} ")).unwrap_or_default();
-    let prod = gst::parse::launch(&format!(
-        "appsrc name=src {caps}format=time ! bufsharesink name=sink socket={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsrc = prod
-        .by_name("src")
-        .unwrap()
-        .downcast::<gst_app::AppSrc>()
-        .unwrap();
-    let sink = prod.by_name("sink").unwrap();
-    (prod, appsrc, sink)
-}
-
 /// An appsrc producer on `path`, started, with caps already sent (a first
 /// buffer nobody receives), and a consumer Harness connected to it.
 fn appsrc_pair(
@@ -187,7 +165,7 @@ fn appsrc_pair(
     gst::Element,
     gst_check::Harness,
 ) {
-    let (prod, appsrc, sink) = appsrc_producer(path, Some(caps));
+    let (prod, appsrc, sink) = common::appsrc_producer(path, Some(caps));
     prod.set_state(gst::State::Playing).unwrap();
     // The consumer's start waits for caps, which the sink has once a buffer went through.
     appsrc
@@ -450,7 +428,7 @@ fn caps_too_long_for_a_message_fail_negotiation_with_a_clear_error() {
     init();
     let path = temp_socket("longcaps.sock");
     let long = "x".repeat(protocol::MAX_MESSAGE_LEN);
-    let (prod, appsrc, _sink) = appsrc_producer(&path, None);
+    let (prod, appsrc, _sink) = common::appsrc_producer(&path, None);
     let caps = gst::Caps::builder("application/x-test")
         .field("blob", &long)
         .build();

@@ -221,21 +221,12 @@ fn rois_time_codes_and_reference_timestamps_reach_another_process() {
     let socket = dir.path("video.sock");
     let report = dir.path("consumer.report");
 
-    let prod = gst::parse::launch(&format!(
-        "appsrc name=src format=time caps=video/x-raw,format=GRAY8,width=64,height=48,framerate=30/1 ! bufsharesink name=sink socket={}",
-        socket.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsrc = prod
-        .by_name("src")
-        .unwrap()
-        .downcast::<gst_app::AppSrc>()
-        .unwrap();
-    let sink = prod.by_name("sink").unwrap();
+    let (prod, appsrc, sink) = common::appsrc_producer(
+        &socket,
+        Some("video/x-raw,format=GRAY8,width=64,height=48,framerate=30/1"),
+    );
     prod.set_state(gst::State::Playing).unwrap();
-    // A consumer's start waits for caps, which the sink has once a buffer went through.
+    // The sink has caps once a buffer went through; consumers get them first.
     appsrc
         .push_buffer(gst::Buffer::from_slice(b"before"))
         .unwrap();
@@ -306,19 +297,10 @@ fn frames_over_the_limits_lose_their_biggest_optional_metas_never_the_audio_meta
     common::init();
     let dir = TempDir::new("metas", "over-limits");
     let socket = dir.path("big.sock");
-    let prod = gst::parse::launch(&format!(
-        "appsrc name=src format=time caps=audio/x-raw,format=F32LE,layout=non-interleaved,channels=2,rate=48000 ! bufsharesink name=sink socket={}",
-        socket.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsrc = prod
-        .by_name("src")
-        .unwrap()
-        .downcast::<gst_app::AppSrc>()
-        .unwrap();
-    let sink = prod.by_name("sink").unwrap();
+    let (prod, appsrc, sink) = common::appsrc_producer(
+        &socket,
+        Some("audio/x-raw,format=F32LE,layout=non-interleaved,channels=2,rate=48000"),
+    );
     prod.set_state(gst::State::Playing).unwrap();
     appsrc
         .push_buffer(gst::Buffer::from_slice(b"before"))

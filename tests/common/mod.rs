@@ -145,6 +145,28 @@ pub fn live_producer_of(
     (pipeline, sink)
 }
 
+/// An appsrc ! bufsharesink producer on `path` (caps optional), not started yet.
+pub fn appsrc_producer(
+    path: &Path,
+    caps: Option<&str>,
+) -> (gst::Pipeline, gst_app::AppSrc, gst::Element) {
+    let caps = caps.map(|c| format!("caps={c} ")).unwrap_or_default();
+    let prod = gst::parse::launch(&format!(
+        "appsrc name=src {caps}format=time ! bufsharesink name=sink socket={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let appsrc = prod
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    let sink = prod.by_name("sink").unwrap();
+    (prod, appsrc, sink)
+}
+
 /// A peer process; killed if the test fails before waiting on it.
 pub struct Proc {
     child: Option<Child>,
