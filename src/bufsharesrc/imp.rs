@@ -531,7 +531,7 @@ impl BufShareSrc {
         let order_time = [frame.dts, frame.pts]
             .into_iter()
             .find(|t| *t != protocol::NONE);
-        let held = conn.frames_held().load(Ordering::SeqCst);
+        let held = conn.held_now();
         let granted = conn.max_inflight();
         if let Some(g) = granted {
             self.granted.store(g.into(), Ordering::SeqCst);

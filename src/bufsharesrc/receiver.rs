@@ -483,9 +483,14 @@ impl Connection {
     }
 
     /// Frames received that name producer memory and are not released yet,
-    /// kept up to date by whichever thread releases them.
+    /// kept up to date by whichever thread releases them (for stats).
     pub fn frames_held(&self) -> Arc<AtomicUsize> {
         self.releaser.held.clone()
+    }
+
+    /// How many of those there are now.
+    pub fn held_now(&self) -> usize {
+        self.releaser.held.load(Ordering::SeqCst)
     }
 
     /// The next caps, frame or EOS. Registrations and forgets are handled here.
