@@ -49,6 +49,23 @@ fn chain_lines(log: &str) -> usize {
     log.lines().filter(|l| l.contains("chain   ******")).count()
 }
 
+/// The PTS (ns) of the buffers a `gst-launch-1.0 -v ... ! fakesink silent=false` printed.
+fn chain_pts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("chain   ******"))
+        .filter_map(|l| {
+            let t = l.split("pts: ").nth(1)?.split(',').next()?;
+            let mut parts = t.split(':');
+            let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+            let (secs, nanos) = s.split_once('.')?;
+            let whole = h.parse::<u64>().ok()? * 3600
+                + m.parse::<u64>().ok()? * 60
+                + secs.parse::<u64>().ok()?;
+            Some(whole * 1_000_000_000 + nanos.parse::<u64>().ok()?)
+        })
+        .collect()
+}
+
 /// Waits until `pred(log)` holds for the log at `path`, up to `limit`.
 fn wait_for_log(path: &Path, limit: Duration, what: &str, pred: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + limit;
@@ -298,6 +315,14 @@ fn reconnecting_consumer_waits_through_a_producers_eos_for_the_next_one() {
     second.kill9();
     waiting.signal(Signal::INT);
     waiting.wait(Duration::from_secs(30));
+    // Time went on across the two producers: no PTS went backwards.
+    let pts = chain_pts(&log_of(&waiting_log));
+    assert!(pts.len() >= before + 10, "{} PTS read", pts.len());
+    let backwards = pts.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(
+        backwards, 0,
+        "PTS went backwards {backwards} times across the reconnect"
+    );
 }
 
 /// A consumer whose streaming thread is blocked (an appsink nobody pulls)
