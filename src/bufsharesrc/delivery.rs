@@ -60,7 +60,8 @@ pub enum Decision {
 pub enum DropReason {
     /// It waited in the socket while this consumer did not read.
     Stale,
-    /// Its running time is before the last frame pushed.
+    /// Its running time is before this pipeline's base time, or before the
+    /// last frame pushed.
     Late,
 }
 

@@ -564,7 +564,8 @@ impl BufShareSrc {
                     frame.frame_id,
                     match why {
                         DropReason::Stale => "it waited in the socket while we did not read",
-                        DropReason::Late => "its running time is before the last frame pushed",
+                        DropReason::Late =>
+                            "its running time is before our base time or the last frame pushed",
                     }
                 );
                 return Ok(None);

@@ -211,6 +211,7 @@ impl Releaser {
     /// What cannot go now waits for the receiving thread, which is woken to
     /// retry it (and to report the error, if the producer is gone).
     fn send(&self, frame_ids: Vec<u64>) {
+        self.held.fetch_sub(frame_ids.len(), Ordering::SeqCst);
         if !matches!(self.send_release(&frame_ids), Ok(false)) {
             self.waker.wake();
         }
@@ -221,10 +222,6 @@ impl Releaser {
     /// Once the producer has closed its end, releases are dropped: the frames
     /// and the EOS it sent before leaving are still read (see `closed`).
     fn send_release(&self, frame_ids: &[u64]) -> std::io::Result<bool> {
-        self.held.fetch_sub(
-            frame_ids.len().min(self.held.load(Ordering::SeqCst)),
-            Ordering::SeqCst,
-        );
         if self.closed.load(Ordering::SeqCst) {
             return Ok(false);
         }
@@ -281,18 +278,10 @@ impl Releaser {
         }
         drop(st);
         drop(released_roots);
+        self.held.fetch_sub(ready.len(), Ordering::SeqCst);
+        ready.extend(unsent);
         self.send_release(&ready)?;
-        self.resend(&unsent)?;
         Ok(())
-    }
-
-    /// Sends ids that were counted as released already but did not fit.
-    fn resend(&self, unsent: &[u64]) -> std::io::Result<()> {
-        if unsent.is_empty() {
-            return Ok(());
-        }
-        self.held.fetch_add(unsent.len(), Ordering::SeqCst);
-        self.send_release(unsent).map(|_| ())
     }
 
     fn has_waiting(&self) -> bool {
