@@ -137,19 +137,13 @@ fn consumer_process() {
         return;
     };
     common::init();
-    let pipeline = gst::parse::launch(&format!(
-        "bufsharesrc socket={} timeout=20000 ! appsink name=out sync=false",
-        Path::new(&socket).display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let sink = pipeline
-        .by_name("out")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
+    let (pipeline, sink) = common::playing_into_appsink(
+        &format!(
+            "bufsharesrc socket={} timeout=20000",
+            Path::new(&socket).display()
+        ),
+        "",
+    );
     let mut lines = Vec::new();
     while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(20)) {
         lines.push(describe(sample.buffer().unwrap()));

@@ -132,20 +132,14 @@ fn consumer_in_this_process(
     socket: &Path,
     appsink_props: &str,
 ) -> (gst::Pipeline, gst::Element, gst_app::AppSink) {
-    let consumer = gst::parse::launch(&format!(
-        "bufsharesrc name=src socket={} timeout=10000 ! appsink name=out sync=false {appsink_props}",
-        socket.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let appsink = consumer
-        .by_name("out")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
+    let (consumer, appsink) = common::playing_into_appsink(
+        &format!(
+            "bufsharesrc name=src socket={} timeout=10000",
+            socket.display()
+        ),
+        appsink_props,
+    );
     let src = consumer.by_name("src").unwrap();
-    consumer.set_state(gst::State::Playing).unwrap();
     (consumer, src, appsink)
 }
 

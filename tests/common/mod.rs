@@ -274,15 +274,10 @@ pub fn wait_for_path(path: &Path, limit: Duration) {
     }
 }
 
-/// Decodes the media file `path` to the end in this process (filesrc !
-/// decodebin) and returns how many buffers came out of its first stream, with
-/// the PTS of the last one. Panics, with GStreamer's message, when the file
-/// cannot be decoded (e.g. an MP4 whose muxer was never finalized).
-pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
-    init();
+/// `HEAD ! appsink name=out sync=false APPSINK_PROPS`, playing, with its appsink.
+pub fn playing_into_appsink(head: &str, appsink_props: &str) -> (gst::Pipeline, gst_app::AppSink) {
     let pipeline = gst::parse::launch(&format!(
-        "filesrc location={} ! decodebin ! appsink name=out sync=false",
-        path.display()
+        "{head} ! appsink name=out sync=false {appsink_props}"
     ))
     .unwrap()
     .downcast::<gst::Pipeline>()
@@ -293,6 +288,19 @@ pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
         .downcast::<gst_app::AppSink>()
         .unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
+    (pipeline, sink)
+}
+
+/// Decodes the media file `path` to the end in this process (filesrc !
+/// decodebin) and returns how many buffers came out of its first stream, with
+/// the PTS of the last one. Panics, with GStreamer's message, when the file
+/// cannot be decoded (e.g. an MP4 whose muxer was never finalized).
+pub fn decode_file(path: &Path) -> (u64, Option<gst::ClockTime>) {
+    init();
+    let (pipeline, sink) = playing_into_appsink(
+        &format!("filesrc location={} ! decodebin", path.display()),
+        "",
+    );
     let mut count = 0;
     let mut last_pts = None;
     while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(20)) {
