@@ -409,8 +409,8 @@ impl InflightLimits {
 /// One more consumer holds `frame_id`.
 fn hold(holders: &mut HashMap<u64, u32>, held: &mut HeldStats, frame_id: u64) {
     *holders.entry(frame_id).or_insert(0) += 1;
-    held.frames_held = holders.len() as u32;
-    held.frames_held_peak = held.frames_held_peak.max(held.frames_held);
+    // frames_held itself is derived from `holders` when stats are read.
+    held.frames_held_peak = held.frames_held_peak.max(holders.len() as u32);
 }
 
 /// One consumer less holds `frame_id`.
