@@ -105,6 +105,13 @@ struct Started {
     next_frame_id: u64,
     frames_copied: u64,
     time_map: TimeMapCache,
+    /// The held bound of the upstream pool last seen, kept with a reference
+    /// to that pool (so its address cannot be reused by another): reading a
+    /// pool's config copies a structure, too much to do per frame. Cleared on
+    /// caps and allocation queries, when a pool may be reconfigured.
+    pool_bound: Option<(gst::BufferPool, Option<usize>)>,
+    /// The FRAME datagram of the last frame, kept for its allocation.
+    frame_buf: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -372,8 +379,13 @@ fn client_timeout(ms: u32) -> Option<std::time::Duration> {
 }
 
 /// The bound on distinct frames all consumers hold: `max-held` if set, else
-/// from the pool `buffer` came from when that pool has a fixed maximum.
-fn held_bound(max_held: u32, buffer: &gst::BufferRef) -> Option<usize> {
+/// from the pool `buffer` came from when that pool has a fixed maximum
+/// (looked up once per pool: `cache`).
+fn held_bound(
+    max_held: u32,
+    buffer: &gst::BufferRef,
+    cache: &mut Option<(gst::BufferPool, Option<usize>)>,
+) -> Option<usize> {
     if max_held > 0 {
         return Some(max_held as usize);
     }
@@ -383,10 +395,18 @@ fn held_bound(max_held: u32, buffer: &gst::BufferRef) -> Option<usize> {
     if pool_ptr.is_null() {
         return None;
     }
+    if let Some((pool, bound)) = cache {
+        if pool.as_ptr() == pool_ptr {
+            return *bound;
+        }
+    }
     // SAFETY: a valid pool pointer, see above; from_glib_none takes a reference.
     let pool: gst::BufferPool = unsafe { glib::translate::from_glib_none(pool_ptr) };
-    let (_, _, _, max) = pool.config().params()?;
-    (max > 0).then(|| max.saturating_sub(POOL_BUFFERS_KEPT_FREE).max(1) as usize)
+    let bound = pool.config().params().and_then(|(_, _, _, max)| {
+        (max > 0).then(|| max.saturating_sub(POOL_BUFFERS_KEPT_FREE).max(1) as usize)
+    });
+    *cache = Some((pool, bound));
+    bound
 }
 
 /// The video info of raw video caps with a real format and a size; None for
@@ -494,6 +514,8 @@ impl BaseSinkImpl for BufShareSink {
 
     fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
         gst::debug!(CAT, imp = self, "caps {}", caps);
+        // Upstream may reconfigure its pool for the new caps.
+        self.state.lock().unwrap().pool_bound = None;
         let latency = self.obj().latency().nseconds();
         let caps_string = caps.to_string();
         let encoded = protocol::encode(&protocol::Message::Caps {
@@ -559,6 +581,7 @@ impl BaseSinkImpl for BufShareSink {
         &self,
         query: &mut gst::query::Allocation,
     ) -> Result<(), gst::LoggableError> {
+        self.state.lock().unwrap().pool_bound = None;
         let (caps, need_pool) = query.get_owned();
         let Some(caps) = caps else {
             return Ok(());
@@ -618,7 +641,7 @@ impl BaseSinkImpl for BufShareSink {
         };
         let mut state = self.state.lock().unwrap();
         let mut out = self.prepare(&mut state, buffer, inline_threshold)?;
-        out.max_held = held_bound(max_held, &out.buffer);
+        out.max_held = held_bound(max_held, &out.buffer, &mut state.pool_bound);
         let Some(server) = &state.server else {
             return Err(gst::FlowError::Flushing);
         };
@@ -629,7 +652,8 @@ impl BaseSinkImpl for BufShareSink {
                 server.set_caps(Some(caps.to_string()), latency);
             }
         }
-        server.send_frame(out);
+        server.send_frame(&out);
+        state.frame_buf = out.frame_bytes;
         Ok(gst::FlowSuccess::Ok)
     }
 }
@@ -731,7 +755,8 @@ impl BufShareSink {
             memories: refs,
             metas,
         };
-        let mut frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
+        let mut frame_bytes = std::mem::take(&mut state.frame_buf);
+        protocol::encode_frame_into(&frame, &mut frame_bytes);
         if frame_bytes.len() > protocol::MAX_MESSAGE_LEN || frame.metas.len() > protocol::MAX_METAS
         {
             // Optional metas go, biggest first; video and audio metas stay.
@@ -748,7 +773,7 @@ impl BufShareSink {
                 protocol::MAX_MESSAGE_LEN,
                 names.join(", ")
             );
-            frame_bytes = protocol::encode(&protocol::Message::Frame(frame.clone()));
+            protocol::encode_frame_into(&frame, &mut frame_bytes);
         }
         Ok(Outgoing {
             buffer,

@@ -2,13 +2,15 @@
 //! `bufsharesrc` consumers on a UNIX socket, without copying frames.
 //!
 //! `imp.rs` is the element (properties, GstBaseSink vfuncs, preparing each
-//! buffer); `server.rs` is the fan-out core and its I/O thread; `backend.rs`
-//! turns the `backend`/`heap`/`device` properties into a memory backend.
+//! buffer); `server.rs` is the fan-out core and its I/O thread, which asks
+//! `fanout.rs` (the pure policy) who gets each frame; `backend.rs` turns the
+//! `backend`/`heap`/`device` properties into a memory backend.
 
 use gst::glib;
 use gst::prelude::*;
 
 pub mod backend;
+pub mod fanout;
 mod imp;
 pub mod server;
 

@@ -5,9 +5,16 @@
 //! - the streaming thread calls [`Server::send_frame`] (and caps/EOS). It only
 //!   does non-blocking sends; a consumer whose socket is full, or that already
 //!   holds `max_inflight` frames, is skipped for that frame (latest wins).
-//! - the I/O thread accepts consumers, does the handshake, reads RELEASE
-//!   messages, sends FORGET when a producer memory dies, flushes control
-//!   messages that did not fit, and drops consumers that leave or misbehave.
+//!   Who gets a frame is the pure policy of [`super::fanout`]. After sending,
+//!   it reads the RELEASEs that came since the last frame (a drain).
+//! - the I/O thread accepts consumers, does the handshake, sends FORGET when
+//!   a producer memory dies, flushes control messages that did not fit, and
+//!   drops consumers that leave or misbehave. It reads consumers' messages
+//!   too, except while the streaming thread drains them: then (for
+//!   [`DRAIN_HANDOFF`] after each drain) it only watches for hang-ups, so a
+//!   RELEASE costs no thread wake-up. Under a bound on held frames (below) the
+//!   streaming thread does not drain and the I/O thread reads every RELEASE at
+//!   once, so pool buffers go back upstream as soon as they can.
 //!
 //! A consumer's frames are held (a `gst::Buffer` reference each) until it
 //! releases them or goes away, so upstream pool buffers come back exactly
@@ -42,7 +49,7 @@
 //!   would pin more distinct frames than the bound, so the upstream pool never
 //!   runs dry; and a consumer that holds frames older than the two newest
 //!   sent (a greedy one) gets a new frame only while three frames of the
-//!   bound stay free for the consumers that keep up. See [`Server::send_frame`].
+//!   bound stay free for the consumers that keep up. See [`super::fanout`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -51,6 +58,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::fanout::{Candidate, FanOut, RecentFrames, Verdict};
 use crate::memtag::ForgetListener;
 use crate::protocol::{self, Hello, Message, Register, Role};
 use crate::transport::unix::{wait_for, Listener, UnixChannel, Waker};
@@ -58,14 +66,10 @@ use crate::transport::{Channel, Received};
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Under a `max-held` bound, a consumer that holds only frames among this many
-/// newest ones sent keeps up: a sink keeps its last sample until the next
-/// frame arrives, and a busy process may not have read that one yet.
-const RECENT_FRAMES: usize = 2;
-/// Room kept for consumers that keep up: their recent frames and the new one.
-/// A consumer holding older frames gets a new one only while this much of the
-/// bound stays free.
-const KEEPING_UP_RESERVE: usize = RECENT_FRAMES + 1;
+/// How long after the streaming thread's last drain of consumers' messages
+/// the I/O thread leaves them to it. Past this (frames stopped: EOS, pause, a
+/// stalled upstream) the I/O thread reads them again.
+pub const DRAIN_HANDOFF: Duration = Duration::from_millis(100);
 /// A consumer that has not released a frame yet may still be starting its
 /// pipeline: it counts as stalled only after this long (or `client-timeout`,
 /// if longer).
@@ -382,8 +386,17 @@ struct State {
     /// producer's writable fd; one per memory, closed when it is forgotten.
     read_only_fds: HashMap<u64, OwnedFd>,
     held: HeldStats,
-    /// The [`RECENT_FRAMES`] newest frames sent to any consumer, oldest first.
-    recent_sent: VecDeque<u64>,
+    /// The newest frames sent to any consumer (see [`super::fanout`]).
+    recent_sent: RecentFrames,
+    /// Until when the streaming thread reads consumers' messages itself (it
+    /// drained them after its last frame); None: the I/O thread reads them.
+    drained_until: Option<Instant>,
+    /// When the I/O thread next checks consumers for stalls.
+    next_stall_check: Instant,
+    /// Scratch of the streaming thread: the serving order of consumers, and
+    /// the buffer messages are read into.
+    order: Vec<usize>,
+    drain_buf: Vec<u8>,
 }
 
 /// `max-inflight` and `max-inflight-limit`: what a consumer may hold.
@@ -520,7 +533,11 @@ impl Server {
                 frames_rendered: 0,
                 read_only_fds: HashMap::new(),
                 held: HeldStats::default(),
-                recent_sent: VecDeque::new(),
+                recent_sent: RecentFrames::default(),
+                drained_until: None,
+                next_stall_check: Instant::now(),
+                order: Vec::new(),
+                drain_buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -641,57 +658,55 @@ impl Server {
 
     /// Fans `out` out to every active consumer that has room. Never blocks.
     ///
-    /// A consumer is skipped for this frame (latest wins) when it holds
-    /// `max_inflight` frames, when its socket is full, or when the bound on
-    /// distinct frames held by all consumers together (`out.max_held`) says
-    /// so. Under the bound, consumers are served from the one holding the
-    /// fewest frames to the one holding the most. One that holds nothing, or
-    /// only frames among the [`RECENT_FRAMES`] newest sent (a sink keeps its
-    /// last sample until the next frame comes), may take the frame while the
-    /// distinct frames held stay within the bound; one that holds older frames
-    /// (a greedy one) only while [`KEEPING_UP_RESERVE`] frames of the bound
-    /// stay free. So greedy
-    /// consumers lose frames first, those that keep up keep getting them, and
-    /// upstream always keeps the buffers beyond the bound.
-    pub fn send_frame(&self, out: Outgoing) {
+    /// A consumer is skipped for this frame (latest wins) when [`FanOut`]
+    /// says so: it holds all it was granted, its socket has control messages
+    /// queued, or the bound on distinct frames held by all consumers together
+    /// (`out.max_held`) leaves no room for it. Without such a bound, the
+    /// RELEASEs that came since the last frame are read here, after sending:
+    /// a consumer that looks full is read first, so it is never skipped for
+    /// a release that waits unread.
+    pub fn send_frame(&self, out: &Outgoing) {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
         state.frames_rendered += 1;
         forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
-        let (needs_release, frame_bytes, frame_id) =
-            (out.needs_release, &out.frame_bytes, out.frame_id);
-        // Distinct frames held now (each pins one buffer), if they are bounded.
-        let bound = out.max_held.filter(|_| needs_release);
-        let mut sent_to_any = false;
-        state.held.max_held = bound.map_or(0, |b| b as u32);
-        let mut order: Vec<usize> = (0..state.clients.len()).collect();
-        order.sort_by_key(|&i| state.clients[i].inflight.len());
-        let mut any_dead = false;
-        for i in order {
+        let frame_id = out.frame_id;
+        let mut fan = FanOut::new(out.max_held, out.needs_release, state.holders.len());
+        state.held.max_held = fan.bound().map_or(0, |b| b as u32);
+        let drains = fan.bound().is_none();
+        let mut events = Vec::new();
+        let mut order = std::mem::take(&mut state.order);
+        fan.order(state.clients.iter().map(|c| c.inflight.len()), &mut order);
+        let mut ctx = ReadContext {
+            stream: &state.stream,
+            limits: state.inflight,
+            holders: &mut state.holders,
+        };
+        for &i in &order {
             let client = &mut state.clients[i];
             if client.phase != Phase::Active || client.dead.is_some() {
                 continue;
             }
             client.flush();
-            if !client.queued.is_empty()
-                || (needs_release && client.inflight.len() >= client.granted as usize)
-            {
-                client.frames_dropped += 1;
-                continue;
+            if drains && out.needs_release && client.inflight.len() >= client.granted as usize {
+                read_client(client, &mut ctx, &mut state.drain_buf, &mut events);
             }
-            if let Some(bound) = bound {
-                let held = state.holders.len();
-                let held_after = held + usize::from(!state.holders.contains_key(&frame_id));
-                let keeping_up = client
-                    .inflight
-                    .keys()
-                    .all(|id| state.recent_sent.contains(id));
-                let allowed = if keeping_up {
-                    bound
-                } else {
-                    bound.saturating_sub(KEEPING_UP_RESERVE)
-                };
-                if held_after > allowed {
+            let candidate = Candidate {
+                held: client.inflight.len(),
+                granted: client.granted as usize,
+                queue_blocked: !client.queued.is_empty(),
+                keeping_up: fan.bound().is_some()
+                    && state
+                        .recent_sent
+                        .all_recent(client.inflight.keys().copied()),
+            };
+            match fan.verdict(&candidate) {
+                Verdict::Send => {}
+                Verdict::SkipBusy => {
+                    client.frames_dropped += 1;
+                    continue;
+                }
+                Verdict::SkipHeldBound => {
                     client.frames_dropped += 1;
                     client.frames_dropped_held += 1;
                     continue;
@@ -729,30 +744,44 @@ impl Server {
                 client.frames_dropped += 1;
                 continue;
             }
-            match client.channel.send(frame_bytes, &[]) {
+            match client.channel.send(&out.frame_bytes, &[]) {
                 Ok(()) => {
                     client.frames_sent += 1;
-                    if needs_release {
+                    if out.needs_release {
                         client.inflight.insert(frame_id, out.buffer.clone());
                         client.inflight_peak =
                             client.inflight_peak.max(client.inflight.len() as u32);
-                        hold(&mut state.holders, &mut state.held, frame_id);
-                        sent_to_any = true;
+                        hold(ctx.holders, &mut state.held, frame_id);
+                        fan.sent();
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.frames_dropped += 1,
                 Err(e) => client.kill(format!("sending a frame failed: {e}"), false),
             }
-            any_dead |= client.dead.is_some();
         }
-        if sent_to_any {
-            if state.recent_sent.len() == RECENT_FRAMES {
-                state.recent_sent.pop_front();
+        if fan.taken() {
+            state.recent_sent.push(frame_id);
+        }
+        // The RELEASEs (and anything else) consumers sent since the last frame.
+        let was_draining = state.drained_until.is_some();
+        if drains {
+            for client in state.clients.iter_mut() {
+                if client.phase == Phase::Active && client.dead.is_none() {
+                    read_client(client, &mut ctx, &mut state.drain_buf, &mut events);
+                }
             }
-            state.recent_sent.push_back(frame_id);
+            state.drained_until = Some(Instant::now() + DRAIN_HANDOFF);
+        } else {
+            state.drained_until = None;
         }
+        state.order = order;
+        let any_dead = state.clients.iter().any(|c| c.dead.is_some());
         drop(guard);
-        if any_dead {
+        if !events.is_empty() {
+            (self.shared.events)(events);
+        }
+        if any_dead || (was_draining && !drains) {
+            // Someone to drop, or the I/O thread must read RELEASEs again.
             self.shared.waker.wake();
         }
     }
@@ -888,9 +917,7 @@ fn io_loop(shared: &Shared) {
             // Wake often enough to notice a stalled consumer soon after its timeout.
             let mut tick = state
                 .client_timeout
-                .map_or(Duration::from_millis(500), |t| {
-                    (t / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
-                });
+                .map_or(Duration::from_millis(500), stall_tick);
             // A paused listener stays in the set (poll-set order is fixed) but
             // is not asked for anything until the pause is over.
             let listen = match state.accept_paused_until {
@@ -903,15 +930,29 @@ fn io_loop(shared: &Shared) {
                     PollFlags::IN
                 }
             };
+            // While the streaming thread drains consumers' messages, active
+            // consumers are watched only for hang-ups and errors (always
+            // reported), until the hand-off time passes.
+            let streaming_reads = match state.drained_until {
+                Some(until) if until > now => {
+                    tick = tick.min(until - now);
+                    true
+                }
+                _ => false,
+            };
             let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
             let mut flags = vec![PollFlags::IN, listen];
             for c in &state.clients {
                 raw.push(c.channel.raw_fd());
-                flags.push(if c.queued.is_empty() {
-                    PollFlags::IN
+                let mut want = if streaming_reads && c.phase == Phase::Active {
+                    PollFlags::empty()
                 } else {
-                    PollFlags::IN | PollFlags::OUT
-                });
+                    PollFlags::IN
+                };
+                if !c.queued.is_empty() {
+                    want |= PollFlags::OUT;
+                }
+                flags.push(want);
             }
             (raw, flags, tick)
         };
@@ -940,6 +981,11 @@ fn io_loop(shared: &Shared) {
             (shared.events)(events);
         }
     }
+}
+
+/// How often consumers are checked for stalls under `client-timeout`.
+fn stall_tick(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
 trait AsRawFdExt {
@@ -1003,11 +1049,16 @@ fn service(
             }
         }
     }
+    // Stalls are checked once per tick (an ioctl per consumer), not on every
+    // wake-up: under a held bound the I/O thread wakes for each RELEASE.
     if let Some(timeout) = state.client_timeout {
         let now = Instant::now();
-        for client in state.clients.iter_mut() {
-            if client.check_stall(timeout, now) {
-                state.held.clients_timed_out += 1;
+        if now >= state.next_stall_check {
+            state.next_stall_check = now + stall_tick(timeout);
+            for client in state.clients.iter_mut() {
+                if client.check_stall(timeout, now) {
+                    state.held.clients_timed_out += 1;
+                }
             }
         }
     }

@@ -411,18 +411,37 @@ impl Connection {
         }
     }
 
-    /// Waits for and returns the next message with its fds.
+    /// Waits for and returns the next message with its fds. Polls before
+    /// each read: in steady state a frame is one poll and one recvmsg, with
+    /// no read that finds nothing.
     fn recv_message(
         &mut self,
         deadline: Option<Instant>,
         flushing: &dyn Fn() -> bool,
         waiting_for: &str,
     ) -> Result<(Message, Vec<OwnedFd>), ReceiveError> {
+        use rustix::event::PollFlags;
         loop {
             if flushing() {
                 return Err(ReceiveError::Flushing);
             }
             self.flush_releases()?;
+            let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if self.releaser.has_waiting() {
+                let tick = Duration::from_millis(5);
+                timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
+            }
+            let fds = [(self.channel.as_fd(), false), (self.waker.as_fd(), false)];
+            let revents = wait(&fds, timeout).map_err(ReceiveError::Io)?;
+            if revents[1].contains(PollFlags::IN) {
+                self.waker.drain();
+            }
+            if !revents[0].intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(ReceiveError::Timeout(waiting_for.to_string()));
+                }
+                continue;
+            }
             match self.channel.recv(&mut self.buf) {
                 Ok(Received::Message { len, fds }) => {
                     let msg = protocol::decode(&self.buf[..len], fds.len())
@@ -437,25 +456,11 @@ impl Connection {
                     // are still queued: read those (frames, caps, EOS, the
                     // reason it dropped us) to the end before calling it gone.
                     self.releaser.closed.store(true, Ordering::SeqCst);
-                    continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     return Err(ReceiveError::Protocol(e.to_string()))
                 }
                 Err(e) => return Err(ReceiveError::Io(e)),
-            }
-            let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if timeout == Some(Duration::ZERO) {
-                return Err(ReceiveError::Timeout(waiting_for.to_string()));
-            }
-            if self.releaser.has_waiting() {
-                let tick = Duration::from_millis(5);
-                timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
-            }
-            let fds = [(self.channel.as_fd(), false), (self.waker.as_fd(), false)];
-            let revents = wait(&fds, timeout).map_err(ReceiveError::Io)?;
-            if revents[1].contains(rustix::event::PollFlags::IN) {
-                self.waker.drain();
             }
         }
     }

@@ -109,7 +109,18 @@ impl std::error::Error for DecodeError {}
 /// Encoding never fails; [`crate::protocol`] users keep payloads within
 /// [`MAX_MESSAGE_LEN`] (inline data and caps strings are bounded by the sender).
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(64));
+    let mut out = Vec::with_capacity(64);
+    encode_into(msg, &mut out);
+    out
+}
+
+/// Encodes `msg` into `out` (cleared first), reusing its allocation: the
+/// producer encodes every frame into the same buffer.
+pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
+    out.clear();
+    // The header's body length is written once the body is there.
+    out.resize(HEADER_LEN, 0);
+    let mut w = Writer(std::mem::take(out));
     let kind = match msg {
         Message::Hello(h) => {
             w.bytes(&MAGIC);
@@ -159,13 +170,27 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             KIND_MAX_INFLIGHT
         }
     };
-    let body = w.0;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&(msg.fd_count() as u16).to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    *out = w.0;
+    write_header(out, kind, msg.fd_count());
+}
+
+/// Encodes FRAME `fr` into `out` (cleared first) without building a
+/// [`Message`]: the same bytes as `encode(&Message::Frame(fr.clone()))`.
+pub fn encode_frame_into(fr: &Frame, out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(HEADER_LEN, 0);
+    let mut w = Writer(std::mem::take(out));
+    encode_frame(&mut w, fr);
+    *out = w.0;
+    write_header(out, KIND_FRAME, 0);
+}
+
+/// Fills in the header at the start of `out`, whose body follows it.
+fn write_header(out: &mut [u8], kind: u16, fds: usize) {
+    let body_len = (out.len() - HEADER_LEN) as u32;
+    out[0..2].copy_from_slice(&kind.to_le_bytes());
+    out[2..4].copy_from_slice(&(fds as u16).to_le_bytes());
+    out[4..8].copy_from_slice(&body_len.to_le_bytes());
 }
 
 fn encode_frame(w: &mut Writer, fr: &Frame) {
@@ -204,7 +229,10 @@ fn encode_frame(w: &mut Writer, fr: &Frame) {
 
 /// Appends one meta record (TLV header and body).
 fn encode_meta(w: &mut Writer, meta: &Meta) {
-    let mut body = Writer(Vec::new());
+    // The record's header goes first, its body length patched in after the body.
+    let start = w.0.len();
+    w.0.resize(start + 8, 0);
+    let body = w;
     let kind = match meta {
         Meta::Video(v) => {
             body.u32(v.format);
@@ -277,10 +305,10 @@ fn encode_meta(w: &mut Writer, meta: &Meta) {
             *kind
         }
     };
-    w.u16(kind);
-    w.u16(0);
-    w.u32(body.0.len() as u32);
-    w.bytes(&body.0);
+    let body_len = (body.0.len() - start - 8) as u32;
+    body.0[start..start + 2].copy_from_slice(&kind.to_le_bytes());
+    body.0[start + 2..start + 4].copy_from_slice(&0u16.to_le_bytes());
+    body.0[start + 4..start + 8].copy_from_slice(&body_len.to_le_bytes());
 }
 
 /// Bytes that `meta` takes in a FRAME, its TLV header included.

@@ -20,7 +20,7 @@
 
 mod codec;
 
-pub use codec::{decode, encode, DecodeError};
+pub use codec::{decode, encode, encode_frame_into, encode_into, DecodeError};
 
 /// Magic bytes at the start of every HELLO body.
 pub const MAGIC: [u8; 8] = *b"BUFSHARE";

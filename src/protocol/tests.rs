@@ -34,6 +34,14 @@ fn round_trip(m: &Message, kind: u16) -> Vec<u8> {
     let body_len = u32::from_le_bytes([enc[4], enc[5], enc[6], enc[7]]) as usize;
     assert_eq!(body_len, enc.len() - HEADER_LEN);
     assert_eq!(decode(&enc, m.fd_count()), Ok(m.clone()));
+    // Into a reused buffer that held something longer: the same bytes.
+    let mut reused = vec![0xAA; enc.len() + 100];
+    encode_into(m, &mut reused);
+    assert_eq!(reused, enc, "encode_into of {}", m.name());
+    if let Message::Frame(f) = m {
+        encode_frame_into(f, &mut reused);
+        assert_eq!(reused, enc, "encode_frame_into");
+    }
     enc
 }
 
