@@ -56,3 +56,33 @@ pub(crate) unsafe fn ioctl_rw<const OPCODE: Opcode, T>(
 
 /// O_RDWR | O_CLOEXEC as the flags dma-buf exporters take.
 pub(crate) const EXPORT_FLAGS: u32 = OFlags::RDWR.bits() | OFlags::CLOEXEC.bits();
+
+/// The same check by path, before opening: for crates that open the device
+/// themselves (`dma_heap::Heap`). A FIFO would block such an open, so it is
+/// refused here first.
+#[cfg(feature = "dma-heap")]
+pub(crate) fn check_char_device_path(path: &Path) -> Result<(), BackendError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|source| BackendError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if !meta.file_type().is_char_device() {
+        return Err(BackendError::Device {
+            path: path.display().to_string(),
+            reason: "not a character device".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Calls `f` again while it fails with EINTR (a signal arrived during an
+/// allocation or ioctl); any other result is returned.
+pub(crate) fn retry_on_eintr<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
