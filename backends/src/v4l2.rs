@@ -21,25 +21,26 @@
 //! Hand-written on purpose: the ioctls (QUERYCAP, S_FMT, REQBUFS, EXPBUF) and
 //! their structs are declared below against the kernel's UAPI layout (sizes
 //! checked at compile time) and called through rustix. The two V4L2 crates
-//! were tried (2026-11, in a scratch crate, `cargo build` on this Debian 12
-//! host without libclang) and neither fits:
-//! - `v4l` 0.14: its only kernel binding, the default feature `v4l2` ->
-//!   `v4l2-sys-mit` 0.3, runs bindgen at build time and fails with
-//!   `Unable to find libclang: "couldn't find any valid shared libraries
-//!   matching: ['libclang.so', 'libclang-*.so', 'libclang.so.*',
-//!   'libclang-*.so.*'], set the LIBCLANG_PATH environment variable ..."`
-//!   (the other feature, `libv4l`, binds libv4l2 the same way). Its API also
-//!   has no multi-planar formats and no EXPBUF call (only the opcode constant),
-//!   both of which this backend needs.
+//! were tried (2026-11, in a scratch crate on this Debian 12 host) and neither fits:
+//! - `v4l` 0.14: its kernel binding (default feature `v4l2` -> `v4l2-sys-mit`
+//!   0.3; the other feature, `libv4l`, binds libv4l2 the same way) runs bindgen
+//!   at build time. Without libclang `cargo build` fails with `Unable to find
+//!   libclang: "couldn't find any valid shared libraries matching:
+//!   ['libclang.so', 'libclang-*.so', 'libclang.so.*', 'libclang-*.so.*'], set
+//!   the LIBCLANG_PATH environment variable ..."`. With a libclang (unpacked
+//!   from Debian's libclang1-14, `LIBCLANG_PATH`) it builds, also for aarch64.
+//!   Its API has no multi-planar formats and no EXPBUF call (only the opcode
+//!   constant), both of which this backend needs.
 //! - `v4l2r` 0.0.8 (latest 0.0.x): has EXPBUF and multi-planar queues, but its
-//!   build script always runs bindgen over `videodev2.h` (kernel headers at build
-//!   time, `V4L2R_VIDEODEV2_H_PATH`), and fails with the same "Unable to find
-//!   libclang" panic; for aarch64 it would also need the arm64 header and a
-//!   clang target (its build script only knows x86 targets). It brings `nix`
-//!   0.28 next to the workspace's rustix too.
+//!   build script always runs bindgen over the build host's
+//!   `/usr/include/linux/videodev2.h` (`V4L2R_VIDEODEV2_H_PATH`): the same
+//!   "Unable to find libclang" panic without libclang, and with it 24 errors
+//!   such as ``unresolved import `crate::bindings::v4l2_ctrl_av1_frame` ``,
+//!   as Debian 12's kernel headers (6.1) lack the AV1 controls it uses. It
+//!   brings `nix` 0.28 next to the workspace's rustix too.
 //!
-//! Both break `scripts/check-aarch64.sh` on a host without libclang, so the
-//! aarch64 cross-build could not even be tried with them.
+//! So either would make libclang (and for v4l2r, new kernel headers) a build
+//! requirement of the plugin and of `scripts/check-aarch64.sh`, which today need neither.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
