@@ -5,31 +5,22 @@
 //! what i.MX8 encoders want), `qcom,system` (QCS), `reserved` (a CMA region
 //! from the device tree). One ioctl, DMA_HEAP_IOCTL_ALLOC, returns a dma-buf fd
 //! of the requested size; hardware imports it and consumers mmap it.
+//!
+//! The heap is opened and the ioctl made by the `dma-heap` crate
+//! ([`dma_heap::Heap`], read-only open, dma-bufs `O_RDWR | O_CLOEXEC`). What
+//! stays here: the heap path from a name, refusing paths that are not
+//! character devices (before the crate's open, which a FIFO would block),
+//! errors that name the path, EINTR retries and the page-aligned size.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::ioctl::{opcode, Opcode};
+use dma_heap::{Heap, HeapKind};
 
-use crate::sys::{check_char_device, ioctl_rw, open_device, EXPORT_FLAGS};
+use crate::sys::{check_char_device_path, retry_on_eintr};
 use crate::{BackendError, Block, BlockRequest, MemoryBackend, MemoryKind};
 
 /// Where heaps live.
 pub const HEAP_DIR: &str = "/dev/dma_heap";
-
-/// `struct dma_heap_allocation_data` from linux/dma-heap.h.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct AllocationData {
-    len: u64,
-    fd: u32,
-    fd_flags: u32,
-    heap_flags: u64,
-}
-const _: () = assert!(std::mem::size_of::<AllocationData>() == 24);
-
-/// `DMA_HEAP_IOCTL_ALLOC`: `_IOWR('H', 0x0, struct dma_heap_allocation_data)`.
-const DMA_HEAP_IOCTL_ALLOC: Opcode = opcode::read_write::<AllocationData>(b'H', 0);
 
 /// The path of a heap given its name (`system`, `linux,cma`) or an absolute path.
 pub fn heap_path(name_or_path: &str) -> PathBuf {
@@ -43,7 +34,7 @@ pub fn heap_path(name_or_path: &str) -> PathBuf {
 /// Allocates dma-bufs from one heap.
 #[derive(Debug)]
 pub struct DmaHeapBackend {
-    heap: OwnedFd,
+    heap: Heap,
     path: PathBuf,
 }
 
@@ -53,8 +44,12 @@ impl DmaHeapBackend {
     /// permitted, or not a heap.
     pub fn open(name_or_path: &str) -> Result<Self, BackendError> {
         let path = heap_path(name_or_path);
-        let heap = open_device(&path)?;
-        check_char_device(&path, &heap)?;
+        check_char_device_path(&path)?;
+        let heap =
+            Heap::new(HeapKind::Custom(path.clone())).map_err(|source| BackendError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(DmaHeapBackend { heap, path })
     }
 
@@ -92,20 +87,12 @@ impl MemoryBackend for DmaHeapBackend {
                 )
             }
         };
-        let mut data = AllocationData {
-            len: size as u64,
-            fd_flags: EXPORT_FLAGS,
-            ..Default::default()
-        };
-        // SAFETY: DMA_HEAP_IOCTL_ALLOC takes a `struct dma_heap_allocation_data`.
-        unsafe { ioctl_rw::<DMA_HEAP_IOCTL_ALLOC, _>(&self.heap, &mut data) }.map_err(|e| {
+        let fd = retry_on_eintr(|| self.heap.allocate(size)).map_err(|source| {
             BackendError::Allocate {
                 what: format!("allocating {size} bytes from {}", self.path.display()),
-                source: e,
+                source,
             }
         })?;
-        // SAFETY: on success the kernel returned a new fd that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(data.fd as i32) };
         Ok(Block {
             fd,
             size,

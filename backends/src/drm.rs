@@ -6,70 +6,39 @@
 //! rows), so it goes back to the caller in [`Block::pitch`] and from there into
 //! the GstVideoMeta. Right after export the GEM handle is closed: the dma-buf
 //! alone keeps the buffer alive, so nothing leaks when consumers drop it.
+//!
+//! The ioctls come from Smithay's `drm` crate (driver name: `get_driver`,
+//! PRIME export: `buffer_to_prime_fd`) and its ioctl layer `drm-ffi` (dumb
+//! buffer create and destroy), both on pre-generated bindings: no libclang or
+//! kernel headers at build time. `drm`'s own `create_dumb_buffer` is not used:
+//! it wants a DRM fourcc where callers here only have bits per pixel (8 for
+//! NV12's rows), and its `DumbBuffer` keeps the kernel's size to itself;
+//! `drm_ffi::mode::dumbbuffer::create` returns the kernel's struct as is.
 
-use std::ffi::c_char;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::ioctl::{opcode, Opcode};
+use drm::control::Device as _;
+use drm::Device as _;
 
-use crate::sys::{check_char_device, ioctl_rw, open_device, EXPORT_FLAGS};
+use crate::sys::{check_char_device, open_device, retry_on_eintr};
 use crate::{BackendError, Block, BlockRequest, ImageRequest, MemoryBackend, MemoryKind};
 
 /// Where DRM devices live.
 pub const DRI_DIR: &str = "/dev/dri";
 
-/// `struct drm_mode_create_dumb` from drm_mode.h.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct CreateDumb {
-    height: u32,
-    width: u32,
-    bpp: u32,
-    flags: u32,
-    handle: u32,
-    pitch: u32,
-    size: u64,
-}
-const _: () = assert!(std::mem::size_of::<CreateDumb>() == 32);
+/// An open DRM device node, for the `drm` crate's device traits.
+#[derive(Debug)]
+struct Card(OwnedFd);
 
-/// `struct drm_mode_destroy_dumb`.
-#[repr(C)]
-struct DestroyDumb {
-    handle: u32,
+impl AsFd for Card {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
-const _: () = assert!(std::mem::size_of::<DestroyDumb>() == 4);
 
-/// `struct drm_prime_handle` from drm.h.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct PrimeHandle {
-    handle: u32,
-    flags: u32,
-    fd: i32,
-}
-const _: () = assert!(std::mem::size_of::<PrimeHandle>() == 12);
-
-/// `struct drm_version` from drm.h (only the name is asked for).
-#[repr(C)]
-struct Version {
-    version_major: i32,
-    version_minor: i32,
-    version_patchlevel: i32,
-    name_len: usize,
-    name: *mut c_char,
-    date_len: usize,
-    date: *mut c_char,
-    desc_len: usize,
-    desc: *mut c_char,
-}
-#[cfg(target_pointer_width = "64")]
-const _: () = assert!(std::mem::size_of::<Version>() == 64);
-
-const DRM_IOCTL_VERSION: Opcode = opcode::read_write::<Version>(b'd', 0x00);
-const DRM_IOCTL_PRIME_HANDLE_TO_FD: Opcode = opcode::read_write::<PrimeHandle>(b'd', 0x2d);
-const DRM_IOCTL_MODE_CREATE_DUMB: Opcode = opcode::read_write::<CreateDumb>(b'd', 0xb2);
-const DRM_IOCTL_MODE_DESTROY_DUMB: Opcode = opcode::read_write::<DestroyDumb>(b'd', 0xb4);
+impl drm::Device for Card {}
+impl drm::control::Device for Card {}
 
 /// Width in pixels (at 32 bpp) of the dumb buffers that carry plain bytes.
 const BYTES_WIDTH: u32 = 1024;
@@ -77,7 +46,7 @@ const BYTES_WIDTH: u32 = 1024;
 /// Allocates dumb buffers on one DRM device and exports them.
 #[derive(Debug)]
 pub struct DrmDumbBackend {
-    card: OwnedFd,
+    card: Card,
     path: PathBuf,
     driver: String,
 }
@@ -88,6 +57,7 @@ impl DrmDumbBackend {
     pub fn open(path: &Path) -> Result<Self, BackendError> {
         let card = open_device(path)?;
         check_char_device(path, &card)?;
+        let card = Card(card);
         let driver = driver_name(&card).map_err(|e| BackendError::Device {
             path: path.display().to_string(),
             reason: format!("not a DRM device (DRM_IOCTL_VERSION: {e})"),
@@ -157,57 +127,33 @@ impl DrmDumbBackend {
     /// Creates a dumb buffer, exports it, and closes the handle.
     /// Returns (dma-buf, pitch, size).
     fn create_and_export(&self, img: &ImageRequest) -> std::io::Result<(OwnedFd, u32, u64)> {
-        let mut create = CreateDumb {
-            width: img.width,
-            height: img.height,
-            bpp: img.bits_per_pixel,
-            ..Default::default()
-        };
-        // SAFETY: the opcode takes a `struct drm_mode_create_dumb`.
-        unsafe { ioctl_rw::<DRM_IOCTL_MODE_CREATE_DUMB, _>(&self.card, &mut create) }
-            .map_err(|e| std::io::Error::new(e.kind(), format!("MODE_CREATE_DUMB: {e}")))?;
-        let mut prime = PrimeHandle {
-            handle: create.handle,
-            flags: EXPORT_FLAGS,
-            fd: -1,
-        };
-        // SAFETY: the opcode takes a `struct drm_prime_handle`.
-        let exported =
-            unsafe { ioctl_rw::<DRM_IOCTL_PRIME_HANDLE_TO_FD, _>(&self.card, &mut prime) };
-        let mut destroy = DestroyDumb {
-            handle: create.handle,
+        let fd = self.card.as_fd();
+        let create = retry_on_eintr(|| {
+            drm_ffi::mode::dumbbuffer::create(fd, img.width, img.height, img.bits_per_pixel, 0)
+        })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("MODE_CREATE_DUMB: {e}")))?;
+        let exported = match drm::control::from_u32(create.handle) {
+            Some(handle) => retry_on_eintr(|| {
+                self.card
+                    .buffer_to_prime_fd(handle, drm::CLOEXEC | drm::RDWR)
+            }),
+            None => Err(std::io::Error::other("the driver returned GEM handle 0")),
         };
         // The dma-buf (if any) holds its own reference; the handle is not needed any more.
-        // SAFETY: the opcode takes a `struct drm_mode_destroy_dumb`.
-        let _ = unsafe { ioctl_rw::<DRM_IOCTL_MODE_DESTROY_DUMB, _>(&self.card, &mut destroy) };
-        exported.map_err(|e| {
+        let _ = retry_on_eintr(|| drm_ffi::mode::dumbbuffer::destroy(fd, create.handle));
+        let exported = exported.map_err(|e| {
             std::io::Error::new(e.kind(), format!("PRIME_HANDLE_TO_FD (cannot export): {e}"))
         })?;
-        // SAFETY: on success the kernel returned a new fd that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(prime.fd) };
-        Ok((fd, create.pitch, create.size))
+        Ok((exported, create.pitch, create.size))
     }
 }
 
 /// The driver name from DRM_IOCTL_VERSION.
-fn driver_name(card: &OwnedFd) -> std::io::Result<String> {
-    let mut name = [0u8; 64];
-    let mut v = Version {
-        version_major: 0,
-        version_minor: 0,
-        version_patchlevel: 0,
-        name_len: name.len(),
-        name: name.as_mut_ptr().cast(),
-        date_len: 0,
-        date: std::ptr::null_mut(),
-        desc_len: 0,
-        desc: std::ptr::null_mut(),
-    };
-    // SAFETY: the opcode takes a `struct drm_version`; `name` outlives the call
-    // and the kernel writes at most `name_len` bytes into it.
-    unsafe { ioctl_rw::<DRM_IOCTL_VERSION, _>(card, &mut v) }?;
-    let len = v.name_len.min(name.len());
-    Ok(String::from_utf8_lossy(&name[..len])
+fn driver_name(card: &Card) -> std::io::Result<String> {
+    let driver = retry_on_eintr(|| card.get_driver())?;
+    Ok(driver
+        .name()
+        .to_string_lossy()
         .trim_end_matches('\0')
         .to_string())
 }

@@ -1,5 +1,7 @@
 //! Facts about an fd that a receiver must check before trusting it: what kind
-//! of memory it is and how large it really is.
+//! of memory it is and how large it really is. Plain fstat/fstatfs/lseek
+//! through rustix; the one kernel constant (`DMA_BUF_MAGIC`) is written out
+//! below rather than taking `linux-raw-sys` as a direct dependency for it.
 
 use std::os::fd::BorrowedFd;
 

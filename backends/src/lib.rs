@@ -15,9 +15,13 @@
 //!   with N buffers ([`MemoryBackend::set_video_format`]), and each block names its
 //!   queue index ([`Block::index`]).
 //!
-//! The hardware backends talk to the kernel with hand-written ioctls (`sys.rs`
-//! and each module's structs, whose sizes are checked at compile time), so they
-//! build without kernel headers or libclang and cross-compile to aarch64.
+//! The kernel interfaces come from maintained crates where one fits: `memfd`
+//! (memfd_create, seals), `dma-heap` (heap allocation) and Smithay's `drm` /
+//! `drm-ffi` (dumb buffers, PRIME export), all safe APIs on pre-generated
+//! bindings. V4L2 stays hand-written (`v4l2.rs` says why: the V4L2 crates need
+//! libclang at build time). So every backend builds without kernel headers or
+//! libclang and cross-compiles to aarch64. `sys.rs` holds the safe helpers the
+//! hardware backends share (device opening, errors naming the path, EINTR retries).
 
 use std::os::fd::OwnedFd;
 

@@ -1,8 +1,14 @@
 //! The default backend: anonymous memory from `memfd_create`, sealed so that
 //! no process can shrink or grow it under another's mapping. Works on every
 //! Linux kernel since 3.17 and needs no device, so it is what desktops and CI use.
+//!
+//! Creation and sealing go through the `memfd` crate (safe API over
+//! `memfd_create` and `F_ADD_SEALS`); checking and adding seals on fds that
+//! come from elsewhere is `share.rs`'s job.
 
-use rustix::fs::{MemfdFlags, SealFlags};
+use std::os::fd::OwnedFd;
+
+use memfd::{FileSeal, MemfdOptions};
 
 use crate::{BackendError, Block, BlockRequest, MemoryBackend, MemoryKind};
 
@@ -31,9 +37,9 @@ impl MemoryBackend for MemfdBackend {
     }
 
     fn allocate(&self, request: &BlockRequest) -> Result<Block, BackendError> {
-        let err = |what: &str, source: rustix::io::Errno| BackendError::Allocate {
+        let err = |what: &str, source: std::io::Error| BackendError::Allocate {
             what: format!("memfd of {} bytes: {what}", request.size),
-            source: source.into(),
+            source,
         };
         let (size, pitch) = match request.image {
             None => (page_align(request.size), None),
@@ -43,14 +49,20 @@ impl MemoryBackend for MemfdBackend {
                 (page_align(size), Some(pitch as u32))
             }
         };
-        let fd =
-            rustix::fs::memfd_create("bufshare", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-                .map_err(|e| err("memfd_create", e))?;
-        rustix::fs::ftruncate(&fd, size as u64).map_err(|e| err("ftruncate", e))?;
-        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
-            .map_err(|e| err("adding seals", e))?;
+        let memfd = MemfdOptions::new()
+            .close_on_exec(true)
+            .allow_sealing(true)
+            .create("bufshare")
+            .map_err(|e| err("memfd_create", memfd_io_error(e)))?;
+        memfd
+            .as_file()
+            .set_len(size as u64)
+            .map_err(|e| err("ftruncate", e))?;
+        memfd
+            .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal])
+            .map_err(|e| err("adding seals", memfd_io_error(e)))?;
         Ok(Block {
-            fd,
+            fd: OwnedFd::from(memfd.into_file()),
             size,
             kind: MemoryKind::Memfd,
             pitch,
@@ -59,10 +71,18 @@ impl MemoryBackend for MemfdBackend {
     }
 }
 
+/// The OS error inside a `memfd` crate error (each of its variants wraps one).
+fn memfd_io_error(e: memfd::Error) -> std::io::Error {
+    match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{fd_kind, fd_size, ImageRequest};
+    use rustix::fs::SealFlags;
     use std::os::fd::AsFd;
 
     #[test]

@@ -4,6 +4,11 @@
 //! reopen of the same file (so that a consumer cannot map a producer's frames
 //! for writing). dma-bufs are not handled here: their size is fixed by the
 //! exporter and they cannot be reopened through /proc.
+//!
+//! These work on fds that came from elsewhere (an upstream allocator, a peer)
+//! and that this crate only borrows, so they call rustix's safe
+//! `fcntl_get_seals`/`fcntl_add_seals` directly: the `memfd` crate's seal API
+//! needs an owned `Memfd` (taking the fd over, or a dup of it per check).
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 

@@ -17,14 +17,39 @@
 //! With no device given, the backend tries every mem2mem device
 //! (`/dev/video*` by number) and keeps the first whose OUTPUT queue takes the
 //! format as asked.
+//!
+//! Hand-written on purpose: the ioctls (QUERYCAP, S_FMT, REQBUFS, EXPBUF) and
+//! their structs are declared below against the kernel's UAPI layout (sizes
+//! checked at compile time) and called through rustix. The two V4L2 crates
+//! were tried (2026-11, in a scratch crate on this Debian 12 host) and neither fits:
+//! - `v4l` 0.14: its kernel binding (default feature `v4l2` -> `v4l2-sys-mit`
+//!   0.3; the other feature, `libv4l`, binds libv4l2 the same way) runs bindgen
+//!   at build time. Without libclang `cargo build` fails with `Unable to find
+//!   libclang: "couldn't find any valid shared libraries matching:
+//!   ['libclang.so', 'libclang-*.so', 'libclang.so.*', 'libclang-*.so.*'], set
+//!   the LIBCLANG_PATH environment variable ..."`. With a libclang (unpacked
+//!   from Debian's libclang1-14, `LIBCLANG_PATH`) it builds, also for aarch64.
+//!   Its API has no multi-planar formats and no EXPBUF call (only the opcode
+//!   constant), both of which this backend needs.
+//! - `v4l2r` 0.0.8 (latest 0.0.x): has EXPBUF and multi-planar queues, but its
+//!   build script always runs bindgen over the build host's
+//!   `/usr/include/linux/videodev2.h` (`V4L2R_VIDEODEV2_H_PATH`): the same
+//!   "Unable to find libclang" panic without libclang, and with it 24 errors
+//!   such as ``unresolved import `crate::bindings::v4l2_ctrl_av1_frame` ``,
+//!   as Debian 12's kernel headers (6.1) lack the AV1 controls it uses. It
+//!   brings `nix` 0.28 next to the workspace's rustix too.
+//!
+//! So either would make libclang (and for v4l2r, new kernel headers) a build
+//! requirement of the plugin and of `scripts/check-aarch64.sh`, which today need neither.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rustix::ioctl::{opcode, Opcode};
+use rustix::fs::OFlags;
+use rustix::ioctl::{opcode, Opcode, Updater};
 
-use crate::sys::{check_char_device, ioctl_rw, open_device, EXPORT_FLAGS};
+use crate::sys::{check_char_device, open_device, retry_on_eintr};
 use crate::{
     BackendError, Block, BlockRequest, MemoryBackend, MemoryKind, QueueLayout, VideoFormatRequest,
 };
@@ -127,6 +152,21 @@ const BUF_TYPE_VIDEO_CAPTURE_MPLANE: u32 = 9;
 const BUF_TYPE_VIDEO_OUTPUT_MPLANE: u32 = 10;
 const MEMORY_MMAP: u32 = 1;
 const FIELD_NONE: u32 = 1;
+
+/// O_RDWR | O_CLOEXEC, the flags of the exported dma-bufs.
+const EXPORT_FLAGS: u32 = OFlags::RDWR.bits() | OFlags::CLOEXEC.bits();
+
+/// `ioctl(fd, OPCODE, &mut value)` for an `_IOWR`/`_IOR` request, retried on EINTR.
+///
+/// # Safety
+/// `OPCODE` must be a request whose argument is a `T` with the kernel's layout.
+unsafe fn ioctl_rw<const OPCODE: Opcode, T>(fd: impl AsFd, value: &mut T) -> std::io::Result<()> {
+    retry_on_eintr(|| {
+        // SAFETY: the caller guarantees OPCODE takes a `T`.
+        unsafe { rustix::ioctl::ioctl(fd.as_fd(), Updater::<OPCODE, T>::new(&mut *value)) }
+            .map_err(Into::into)
+    })
+}
 
 /// Buffers asked for when the caller needs fewer.
 pub const DEFAULT_BUFFERS: u32 = 16;
