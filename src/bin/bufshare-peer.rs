@@ -14,7 +14,7 @@
 //!                       [--frame-lines 0|1]
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
-//!                       [--reconnect-interval MS] [--sum-bytes N]
+//!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N]
 //! ```
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=.. fd=..`
@@ -846,6 +846,7 @@ fn consume(args: &Args) -> Result<(), String> {
         // The harness ends with its producer's EOS in every mode unless told otherwise.
         .property_from_str("on-eos", &args.str("on-eos", "forward"))
         .property("reconnect-interval", args.num("reconnect-interval", 100))
+        .property("max-inflight", args.num("max-inflight", 0) as u32)
         .build()
         .map_err(|e| e.to_string())?;
     let tail = args.str("pipeline", "");

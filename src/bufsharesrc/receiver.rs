@@ -31,7 +31,7 @@ use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
 
 use crate::protocol::{self, Frame, Hello, MemoryKind, MemoryRef, Message, Role};
-use crate::transport::unix::{wait, UnixChannel, Waker};
+use crate::transport::unix::{wait_pair, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
 
 static FRAME_QUARK: LazyLock<glib::Quark> =
@@ -431,8 +431,8 @@ impl Connection {
                 let tick = Duration::from_millis(5);
                 timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
             }
-            let fds = [(self.channel.as_fd(), false), (self.waker.as_fd(), false)];
-            let revents = wait(&fds, timeout).map_err(ReceiveError::Io)?;
+            let revents = wait_pair(self.channel.as_fd(), self.waker.as_fd(), timeout)
+                .map_err(ReceiveError::Io)?;
             if revents[1].contains(PollFlags::IN) {
                 self.waker.drain();
             }

@@ -398,6 +398,31 @@ pub fn wait(
     wait_for(&fds, timeout)
 }
 
+/// Waits until `a` or `b` is readable, or `timeout` passes, and returns their
+/// revents: [`wait`] without its allocations, for a consumer's every frame.
+pub fn wait_pair(
+    a: BorrowedFd<'_>,
+    b: BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<[rustix::event::PollFlags; 2]> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut pfds = [
+        PollFd::from_borrowed_fd(a, PollFlags::IN),
+        PollFd::from_borrowed_fd(b, PollFlags::IN),
+    ];
+    let ts = timeout.map(|t| rustix::time::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: t.subsec_nanos() as _,
+    });
+    loop {
+        match rustix::event::poll(&mut pfds, ts.as_ref()) {
+            Ok(_) => return Ok([pfds[0].revents(), pfds[1].revents()]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Waits until one of `fds` has one of the events asked for it (an fd asked
 /// for none is only reported on errors), or `timeout` passes. Returns the
 /// revents of each fd.
