@@ -19,6 +19,10 @@
 //!   transport once (the baselines first), then round 2, ..., so slow drifts
 //!   of a shared machine hit all transports alike. A row shows the median
 //!   over rounds and the min-max.
+//! - Beside it, the consumer processes' own CPU per frame and consumer: the
+//!   part that does not depend on the producer's baseline, whose CPU per
+//!   frame (mostly the source filling frames, 1-3 ms at 1080p) varies
+//!   between runs by more than a consumer costs when the machine is busy.
 //! - Latency: from the producer's sink rendering a frame to a consumer's
 //!   source pad pushing it (roles.rs), all samples of all consumers and
 //!   rounds pooled, p50 and p99.
@@ -93,6 +97,8 @@ struct Sample {
     produced: u64,
     received: Vec<u64>,
     cpu_ns: u64,
+    /// CPU of the consumer processes alone (0 for the tee: one process).
+    consumers_cpu_ns: u64,
     window_ns: u64,
     latencies_ns: Vec<u64>,
 }
@@ -100,6 +106,12 @@ struct Sample {
 impl Sample {
     fn from_outcome(outcome: &Outcome) -> Option<Sample> {
         let producer = outcome.reports.iter().find(|r| r.count("produced") > 0)?;
+        let consumers_cpu_ns = outcome
+            .reports
+            .iter()
+            .filter(|r| r.count("produced") == 0)
+            .map(|r| r.cpu_ns)
+            .sum();
         Some(Sample {
             produced: producer.count("produced"),
             received: outcome
@@ -108,6 +120,7 @@ impl Sample {
                 .flat_map(|r| r.reader_counts())
                 .collect(),
             cpu_ns: outcome.cpu_ns(),
+            consumers_cpu_ns,
             window_ns: producer.window_ns,
             latencies_ns: outcome
                 .reports
@@ -281,8 +294,13 @@ pub fn report(results: &Results, settings: &Settings) -> String {
          consumers; median of rounds (min-max over rounds). CPU %: all processes, of one CPU. \
          Latency: producer's sink rendering the frame (stamped by a probe on its sink pad: now \
          plus what is left of a sync=true sink's clock wait) to the consumer's source pad, all \
-         consumers and rounds pooled. Ratios: of the medians. A consumer process costs ~80 µs \
-         a frame at minimum whatever the transport.\n"
+         consumers and rounds pooled. Ratios: of the medians. \"Of which the consumer \
+         process\": CPU of the consumer processes alone per frame and consumer (median of \
+         rounds); the rest is what the producer spends beyond its baseline. A consumer \
+         process costs ~80 µs a frame at minimum whatever the transport. The producer's own \
+         CPU per frame (the baseline, mostly the source filling frames) can vary between runs \
+         by more than one consumer costs on a loaded machine: compare the min-max over \
+         rounds, and trust rows with more consumers more.\n"
     );
     let _ = writeln!(out, "### Targets (issue 9)\n");
     let _ = writeln!(
@@ -333,15 +351,18 @@ fn size_table(out: &mut String, results: &Results, settings: &Settings, si: usiz
     let _ = writeln!(
         out,
         "| transport | consumers | frames produced | frames per consumer (min-max) | CPU % \
-         | transport µs/frame/consumer, median (min-max) | latency p50 µs | p99 µs \
-         | ratio to shm | ratio to unixfd |"
+         | transport µs/frame/consumer, median (min-max) | of which the consumer process \
+         | latency p50 µs | p99 µs | ratio to shm | ratio to unixfd |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for &t in &settings.transports {
         if let Some(why) = settings.unavailable.get(&t) {
             let _ = writeln!(
                 out,
-                "| {} | - | {why} | - | - | - | - | - | - | n/a |",
+                "| {} | - | {why} | - | - | - | - | - | - | - | n/a |",
                 t.name()
             );
             continue;
@@ -367,7 +388,7 @@ fn row(results: &Results, settings: &Settings, key: Key) -> String {
         transport.name().to_string()
     };
     if samples.is_empty() {
-        return format!("| {name} | {n} | - | - | - | - | - | - | - | - |");
+        return format!("| {name} | {n} | - | - | - | - | - | - | - | - | - |");
     }
     let produced: Vec<f64> = samples.iter().map(|s| s.produced as f64).collect();
     let produced = median(&produced).unwrap_or(0.0);
@@ -398,6 +419,15 @@ fn row(results: &Results, settings: &Settings, key: Key) -> String {
         Some(m) => fmt_us(m),
         None => "- (no baseline)".into(),
     };
+    // The consumer processes' own share: no source filling frames, so much less noisy.
+    let own: Vec<f64> = samples
+        .iter()
+        .map(|s| s.consumers_cpu_ns as f64 / s.produced as f64 / n as f64)
+        .collect();
+    let own = match median(&own) {
+        Some(m) if transport != Transport::Tee => fmt_us(m),
+        _ => "-".into(),
+    };
     let lat = results.latencies(key);
     let pct = |p| {
         percentile(&lat, p)
@@ -420,7 +450,7 @@ fn row(results: &Results, settings: &Settings, key: Key) -> String {
         }
     };
     format!(
-        "| {name} | {n} | {produced:.0} | {per_consumer} | {cpu:.1} | {figure} | {} | {} | {} | {} |",
+        "| {name} | {n} | {produced:.0} | {per_consumer} | {cpu:.1} | {figure} | {own} | {} | {} | {} | {} |",
         pct(50.0),
         pct(99.0),
         ratio_to(Transport::Shm),
@@ -430,7 +460,7 @@ fn row(results: &Results, settings: &Settings, key: Key) -> String {
 
 /// "bufshare at most LIMITx OTHER at both sizes, 1/3/8 consumers: met/missed".
 fn ratio_target(results: &Results, settings: &Settings, other: Transport, limit: f64) -> String {
-    let sizes: Vec<String> = FANOUT_SIZES.iter().map(|s| s.name()).collect();
+    let sizes: Vec<String> = FANOUT_SIZES.iter().map(|s| s.short()).collect();
     let counts: Vec<String> = TARGET_COUNTS.iter().map(usize::to_string).collect();
     let head = format!(
         "bufshare {limit}x {} at {}, {} consumers",
@@ -455,7 +485,7 @@ fn ratio_target(results: &Results, settings: &Settings, other: Transport, limit:
     for (si, size) in FANOUT_SIZES.iter().enumerate() {
         for &n in &TARGET_COUNTS {
             total += 1;
-            let at = format!("{} x{n}", size.name());
+            let at = format!("{} x{n}", size.short());
             match ratio(results, (si, Transport::Bufshare, n), other) {
                 Ok(r) => {
                     if worst.as_ref().is_none_or(|(w, _)| r > *w) {

@@ -41,6 +41,14 @@ impl Size {
     pub fn name(self) -> String {
         format!("{}x{}", self.width, self.height)
     }
+
+    /// The name the issue uses: 1080p for 1920x1080, else WxH.
+    pub fn short(self) -> String {
+        match (self.width, self.height) {
+            (1920, 1080) => "1080p".into(),
+            _ => self.name(),
+        }
+    }
 }
 
 /// Part 1 formats, the issue's two: 320x240 at 60 fps and 1080p at 30 fps.
