@@ -270,8 +270,12 @@ fn ratio(results: &Results, key: Key, other: Transport) -> Result<f64, &'static 
     let theirs = results
         .median_figure((size, other, n))
         .ok_or("not measured")?;
+    // A figure <= 0 is the baselines' noise, not a transport that costs nothing.
     if theirs <= 0.0 {
         return Err("denominator <= 0");
+    }
+    if mine <= 0.0 {
+        return Err("numerator <= 0");
     }
     Ok(mine / theirs)
 }
