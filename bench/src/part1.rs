@@ -21,7 +21,7 @@
 //!   over rounds and the min-max.
 //! - Beside it, the consumer processes' own CPU per frame and consumer: the
 //!   part that does not depend on the producer's baseline, whose CPU per
-//!   frame (mostly the source filling frames, 1-3 ms at 1080p) varies
+//!   frame (mostly the source filling frames, 1-5 ms at 1080p) varies
 //!   between runs by more than a consumer costs when the machine is busy.
 //! - Latency: from the producer's sink rendering a frame to a consumer's
 //!   source pad pushing it (roles.rs), all samples of all consumers and

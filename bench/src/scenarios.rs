@@ -65,8 +65,10 @@ pub const FANOUT_SIZES: [Size; 2] = [
     },
 ];
 
-// solid-color costs ~0.1 ms a 1080p frame (ball ~7 ms), so the producer-alone baseline
-// stays small and the transport cost is not lost in its noise.
+// solid-color is the cheapest pattern (ball ~7 ms a 1080p frame), but filling a 1080p NV12
+// frame still costs about 1 ms of CPU when the 2-core machine is quiet, and 2-5 ms in runs
+// where it is shared (measured 2026-11-30): the baseline's run-to-run noise is larger than
+// one consumer's cost at 1080p, hence rounds, medians and the consumer-only column (part1.rs).
 const FANOUT_SOURCE: &str = "videotestsrc is-live=true pattern=solid-color";
 /// shmsink area for part 1: room for about 20 frames.
 const FANOUT_SHM_FRAMES: usize = 20;
