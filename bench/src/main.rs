@@ -1,5 +1,6 @@
 //! `bufshare-bench`: side-by-side measurements of bufshare (bufsharesink /
-//! bufsharesrc) against GStreamer's shmsink/shmsrc and an in-process tee.
+//! bufsharesrc) against GStreamer's shmsink/shmsrc, unixfdsink/unixfdsrc
+//! (GStreamer >= 1.24, when found) and an in-process tee.
 //!
 //! Run from the workspace root:
 //!
@@ -7,61 +8,83 @@
 //! cargo build --release && target/release/bufshare-bench
 //! ```
 //!
-//! Options: `--seconds N` (part 1 duration, default 10), `--rate-seconds N`
-//! (part 2 duration per size, default 5), `--quick` (2 s runs, 1 and 2
-//! consumers), `--only bufshare,shm,tee`, `--part 1|2`, `--plugin-dir DIR`
-//! (where libgstbufshare.so is; default: next to this executable).
+//! Options: see `USAGE` (`--help`). What it measures, with real processes
+//! (the bench re-executes itself for each producer and consumer, see
+//! roles.rs):
 //!
-//! What it measures, with real processes (the bench re-executes itself for
-//! each producer and consumer, see roles.rs):
-//!
-//! - Part 1, fan-out: a live 1080p30 NV12 `videotestsrc pattern=solid-color`
-//!   producer (cheap to render, so its own cost does not drown the
-//!   transport's) and 1, 2, 4,
-//!   8 consumers per transport. For each: frames delivered per consumer, CPU
-//!   time of all processes (total CPU %, and the transport's CPU per frame:
-//!   everything minus what the producer alone costs per frame), and the
-//!   latency from the producer's sink rendering a frame to the consumer's
-//!   source pushing it, p50 and p99 (the producer stamps the render time, in
-//!   CLOCK_MONOTONIC ns, into the frame's first 8 bytes).
+//! - Part 1, fan-out (part1.rs): a live NV12 `videotestsrc
+//!   pattern=solid-color` producer at 320x240 60 fps and 1080p 30 fps, with
+//!   1, 3, (4 at 1080p) and 8 consumers per transport, and each transport's
+//!   producer alone with the same sink (the baseline). Per row: frames
+//!   produced and per consumer, CPU %, transport CPU per frame per consumer
+//!   (everything minus that transport's baseline, per frame, divided by the
+//!   consumers), latency p50/p99 from the producer's sink rendering a frame
+//!   to a consumer's source pushing it, and the ratios to shm and unixfd;
+//!   medians of `--rounds` interleaved rounds; then met/missed lines for the
+//!   targets of issue 9.
 //! - Part 2, link rate: one producer pushing 8 prepared frames in a loop
 //!   (no pixel generation), one consumer, sync=false, at 640x480, 1080p and
-//!   4K: frames per second received and CPU per frame of both processes.
+//!   4K, bufshare and shm: frames per second received and CPU per frame of
+//!   both processes.
 //!
 //! The bench does not link the plugin: children find it via GST_PLUGIN_PATH.
-//! It prints markdown tables and exits non-zero if a pipeline failed or the
-//! plugin was not usable.
+//! unixfd children may run on another GStreamer install (gstprefix.rs). The
+//! report (markdown, on stdout) is printed at the end, with the machine's
+//! load average at start and end in its header; progress goes to stderr. The
+//! exit status is non-zero if a pipeline failed or the plugin was not usable.
 
+mod gstprefix;
 mod measure;
+mod part1;
 mod roles;
 mod runner;
 mod scenarios;
 
+use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use gstprefix::Unixfd;
 use scenarios::{Context, Outcome, Transport};
 
 const PLUGIN_FILE: &str = "libgstbufshare.so";
 const RATE_SIZES: [(u32, u32); 3] = [(640, 480), (1920, 1080), (3840, 2160)];
+/// Start-up and shutdown of a run's processes, beyond warm-up and window (for the estimate).
+const RUN_OVERHEAD_S: f64 = 0.5;
 
 const USAGE: &str = "\
-usage: bufshare-bench [--seconds N] [--rate-seconds N] [--quick]
-                      [--only bufshare,shm,tee] [--part 1|2] [--plugin-dir DIR]
+usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
+                      [--quick] [--only bufshare,shm,unixfd,tee] [--part 1|2]
+                      [--plugin-dir DIR]
 
-  --seconds N        duration of each part 1 (fan-out) run, default 10
+  --seconds N        measured duration of each part 1 (fan-out) run, default 10
+  --rounds N         part 1 rounds, interleaved (every transport and consumer
+                     count once per round); rows show the median, default 3
+  --warmup N         seconds between starting a run's processes and measuring,
+                     default 1
   --rate-seconds N   duration of each part 2 (link rate) run, default 5
-  --quick            smoke test: 2 s runs, 1 and 2 consumers only
+  --quick            smoke test: 2 s runs, 1 round, 1 and 3 consumers at
+                     320x240, 4 at 1080p
   --only LIST        transports to measure (comma-separated)
   --part 1|2         run only part 1 (fan-out) or part 2 (link rate)
   --plugin-dir DIR   directory holding libgstbufshare.so
-                     (default: the directory of this executable)";
+                     (default: the directory of this executable)
+
+environment:
+  BUFSHARE_BENCH_GST_PREFIX=DIR   install prefix of a GStreamer >= 1.24 that
+                     has unixfdsink/unixfdsrc (e.g. /opt/gst-1.24); the unixfd
+                     children run on it (its lib/<multiarch>/gstreamer-1.0 and
+                     lib on GST_PLUGIN_SYSTEM_PATH_1_0 and LD_LIBRARY_PATH).
+                     Without it, unixfd is measured only if this GStreamer has it.";
 
 struct Options {
     seconds: f64,
     rate_seconds: f64,
-    consumers: Vec<usize>,
+    warmup: f64,
+    rounds: usize,
+    quick: bool,
     transports: Vec<Transport>,
     parts: Vec<u8>,
     plugin_dir: Option<PathBuf>,
@@ -71,6 +94,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut quick = false;
     let mut seconds = None;
     let mut rate_seconds = None;
+    let mut warmup = None;
+    let mut rounds = None;
     let mut transports = Transport::ALL.to_vec();
     let mut parts = vec![1, 2];
     let mut plugin_dir = None;
@@ -86,6 +111,14 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         match arg.as_str() {
             "--seconds" => seconds = Some(positive(arg, it.next())?),
             "--rate-seconds" => rate_seconds = Some(positive(arg, it.next())?),
+            "--warmup" => warmup = Some(positive(arg, it.next())?),
+            "--rounds" => {
+                let v = it.next().ok_or("--rounds needs a value")?;
+                rounds = Some(match v.parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return Err(format!("--rounds: not a positive integer: {v}")),
+                });
+            }
             "--quick" => quick = true,
             "--only" => {
                 let list = it.next().ok_or("--only needs a value")?;
@@ -107,7 +140,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                     it.next().ok_or("--plugin-dir needs a value")?,
                 ))
             }
-            "-h" | "--help" => return Err(String::new()),
+            "-h" | "--help" => return Err(String::new()), // USAGE on stdout
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -116,7 +149,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     Ok(Options {
         seconds: seconds.unwrap_or(default_seconds),
         rate_seconds: rate_seconds.unwrap_or(default_rate_seconds),
-        consumers: if quick { vec![1, 2] } else { vec![1, 2, 4, 8] },
+        warmup: warmup.unwrap_or(1.0),
+        rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
+        quick,
         transports,
         parts,
         plugin_dir,
@@ -199,16 +234,19 @@ fn check_plugin(plugin: &mut Plugin) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("__child") {
-        return ExitCode::from(roles::child_main(&args[1..]) as u8);
+    match args.first().map(String::as_str) {
+        Some("__child") => return ExitCode::from(roles::child_main(&args[1..]) as u8),
+        Some("__probe") => return ExitCode::from(gstprefix::probe_main(&args[1..]) as u8),
+        _ => {}
     }
     let opts = match parse_options(&args) {
         Ok(o) => o,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            if !e.is_empty() {
-                eprintln!("bufshare-bench: {e}");
-            }
-            eprintln!("{USAGE}");
+            eprintln!("bufshare-bench: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -222,76 +260,147 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs everything and prints the tables. Ok(false): something failed.
+/// Runs everything and prints the report. Ok(false): something failed.
 fn orchestrate(opts: &Options) -> Result<bool, String> {
+    let started = Instant::now();
+    let load_start = measure::loadavg();
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut plugin = locate_plugin(&exe, opts.plugin_dir.as_deref());
     gst::init().map_err(|e| format!("gst::init: {e}"))?;
     check_plugin(&mut plugin);
 
     let mut tmp = runner::TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
+    let mut unavailable = BTreeMap::new();
+    let mut unixfd_env = Vec::new();
+    let mut unixfd_source = None;
+    if opts.parts.contains(&1) && opts.transports.contains(&Transport::Unixfd) {
+        match gstprefix::find_unixfd(&exe, &tmp.path) {
+            Unixfd::Available { env, source } => {
+                unixfd_env = env;
+                unixfd_source = Some(source);
+            }
+            Unixfd::Missing(why) => {
+                unavailable.insert(Transport::Unixfd, why);
+            }
+        }
+    }
+    let mut ok = true;
+    if let Some(problem) = &plugin.problem {
+        if opts.transports.contains(&Transport::Bufshare) {
+            eprintln!("bufshare-bench: skipping bufshare rows: {problem}");
+            unavailable.insert(Transport::Bufshare, format!("plugin not usable: {problem}"));
+            ok = false;
+        }
+    }
     let ctx = Context {
         exe,
         tmp: tmp.path.clone(),
         seconds: opts.seconds,
         rate_seconds: opts.rate_seconds,
-        warmup: Duration::from_secs(1),
+        warmup: Duration::from_secs_f64(opts.warmup),
+        unixfd_env,
     };
+    let settings = part1::Settings {
+        rounds: opts.rounds,
+        quick: opts.quick,
+        transports: opts.transports.clone(),
+        unavailable,
+    };
+    let link_transports: Vec<Transport> = opts
+        .transports
+        .iter()
+        .copied()
+        .filter(|t| matches!(t, Transport::Bufshare | Transport::Shm))
+        .filter(|t| !settings.unavailable.contains_key(t))
+        .collect();
 
-    println!("# bufshare-bench\n");
-    println!(
+    let part1_runs = if opts.parts.contains(&1) {
+        settings.runs()
+    } else {
+        0
+    };
+    let part2_runs = if opts.parts.contains(&2) {
+        link_transports.len() * RATE_SIZES.len()
+    } else {
+        0
+    };
+    let estimate = part1_runs as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
+        + part2_runs as f64 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S);
+    eprintln!(
+        "bufshare-bench: {part1_runs} part 1 runs, {part2_runs} part 2 runs: about {:.0} min",
+        estimate / 60.0
+    );
+
+    let mut errors: Vec<String> = Vec::new();
+    let mut body = String::new();
+    if part1_runs > 0 {
+        let results = part1::run(&ctx, &settings, &mut errors);
+        body.push_str(&part1::report(&results, &settings));
+    }
+    if part2_runs > 0 {
+        body.push_str(&part2(&ctx, &link_transports, &mut errors));
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(out, "# bufshare-bench\n");
+    let _ = writeln!(
+        out,
         "- machine: {} CPUs, {}",
         measure::nproc(),
         measure::cpu_model()
     );
-    println!("- {}", gst::version_string());
-    println!(
-        "- part 1: {} s per run, part 2: {} s per size (each after a 1 s warm-up)",
-        opts.seconds, opts.rate_seconds
+    let _ = writeln!(
+        out,
+        "- load average (1/5/15 min): {load_start} at start, {} at end; wall time {:.0} s",
+        measure::loadavg(),
+        started.elapsed().as_secs_f64()
     );
-    match &plugin.problem {
-        None => println!("- bufshare plugin: {}", plugin.file.display()),
-        Some(p) => println!("- bufshare plugin: NOT USABLE: {p}"),
+    let _ = writeln!(out, "- {}", gst::version_string());
+    if opts.parts.contains(&1) {
+        let _ = writeln!(
+            out,
+            "- part 1: {} round(s) of {} s runs, each after a {} s warm-up",
+            opts.rounds, opts.seconds, opts.warmup
+        );
     }
-    println!();
-
-    let mut ok = true;
-    let mut transports = opts.transports.clone();
-    if let Some(problem) = &plugin.problem {
-        if transports.contains(&Transport::Bufshare) {
-            eprintln!("bufshare-bench: skipping bufshare rows: {problem}");
-            transports.retain(|t| *t != Transport::Bufshare);
-            ok = false;
+    if opts.parts.contains(&2) {
+        let _ = writeln!(
+            out,
+            "- part 2: {} s per size, after a {} s warm-up",
+            opts.rate_seconds, opts.warmup
+        );
+    }
+    match &plugin.problem {
+        None => {
+            let _ = writeln!(out, "- bufshare plugin: {}", plugin.file.display());
+        }
+        Some(p) => {
+            let _ = writeln!(out, "- bufshare plugin: NOT USABLE: {p}");
         }
     }
-
-    let mut errors: Vec<String> = Vec::new();
-    if opts.parts.contains(&1) && !transports.is_empty() {
-        part1(&ctx, opts, &transports, &mut errors);
+    if let Some(source) = &unixfd_source {
+        let _ = writeln!(out, "- unixfd: {source}");
+    } else if let Some(why) = settings.unavailable.get(&Transport::Unixfd) {
+        let _ = writeln!(out, "- unixfd: {why}");
     }
-    let link_transports: Vec<Transport> = transports
-        .iter()
-        .copied()
-        .filter(|t| *t != Transport::Tee)
-        .collect();
-    if opts.parts.contains(&2) && !link_transports.is_empty() {
-        part2(&ctx, &link_transports, &mut errors);
-    }
+    let _ = writeln!(out);
+    out.push_str(&body);
 
     if !errors.is_empty() {
         ok = false;
         tmp.keep = true;
-        println!("## Errors\n");
+        let _ = writeln!(out, "## Errors\n");
         for e in &errors {
-            println!("- {e}");
+            let _ = writeln!(out, "- {e}");
         }
-        println!("\n(logs kept in {})", tmp.path.display());
+        let _ = writeln!(out, "\n(logs kept in {})", tmp.path.display());
     }
     if let Some(problem) = &plugin.problem {
         if opts.transports.contains(&Transport::Bufshare) {
-            println!("\nbufshare rows skipped: {problem}");
+            let _ = writeln!(out, "\nbufshare rows skipped: {problem}");
         }
     }
+    print!("{out}");
     Ok(ok)
 }
 
@@ -307,112 +416,17 @@ fn collect_errors(what: &str, outcome: &Outcome, errors: &mut Vec<String>) -> bo
     found.is_empty()
 }
 
-fn part1(ctx: &Context, opts: &Options, transports: &[Transport], errors: &mut Vec<String>) {
-    eprintln!("part 1: baseline ({} s)...", ctx.seconds);
-    let base = scenarios::baseline(ctx);
-    // CPU the producer alone spends per frame, in ns.
-    let base_per_frame = if collect_errors("baseline", &base, errors) {
-        let r = &base.reports[0];
-        let frames = r.count("produced").max(1);
-        println!(
-            "## Part 1: fan-out, {}x{} NV12 at 30 fps, live\n",
-            scenarios::FANOUT_WIDTH,
-            scenarios::FANOUT_HEIGHT
-        );
-        println!(
-            "Baseline, the producer alone (`videotestsrc pattern=solid-color ! fakesink sync=true`): {} frames in {:.1} s, \
-             CPU {:.1} %, {:.0} µs/frame.\n",
-            r.count("produced"),
-            r.window_ns as f64 / 1e9,
-            100.0 * r.cpu_ns as f64 / r.window_ns.max(1) as f64,
-            us(r.cpu_ns as f64 / frames as f64)
-        );
-        Some(r.cpu_ns as f64 / frames as f64)
-    } else {
-        println!("## Part 1: fan-out\n\nBaseline failed: transport CPU per frame not available.\n");
-        None
-    };
-
-    println!(
-        "| transport | consumers | frames produced | frames per consumer (min-max) | CPU total % \
-         | transport CPU µs/frame | latency p50 µs | latency p99 µs |"
+fn part2(ctx: &Context, transports: &[Transport], errors: &mut Vec<String>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## Part 2: highest rate of one link, NV12, sync=false\n"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for &transport in transports {
-        for &n in &opts.consumers {
-            eprintln!("part 1: {} x{n} ({} s)...", transport.name(), ctx.seconds);
-            let outcome = scenarios::fanout(ctx, transport, n);
-            let what = format!("{} with {n} consumer(s)", transport.name());
-            let clean = collect_errors(&what, &outcome, errors);
-            println!(
-                "{}",
-                fanout_row(transport, n, &outcome, base_per_frame, clean)
-            );
-        }
-    }
-    println!(
-        "\nTransport CPU per frame = (CPU of all processes - baseline CPU per frame x frames \
-         produced) / frames produced. Latency: from the \
-         producer's sink rendering the frame (stamped by a probe on its sink pad: now plus what \
-         is left of a sync=true sink's clock wait) to the consumer's source pad, over all \
-         consumers.\n"
-    );
-}
-
-fn fanout_row(
-    transport: Transport,
-    n: usize,
-    outcome: &Outcome,
-    base_per_frame: Option<f64>,
-    clean: bool,
-) -> String {
-    let mark = if clean { "" } else { " (error)" };
-    let Some(producer) = outcome.reports.iter().find(|r| r.count("produced") > 0) else {
-        return format!(
-            "| {}{mark} | {n} | - | - | - | - | - | - |",
-            transport.name()
-        );
-    };
-    let produced = producer.count("produced");
-    let per_consumer: Vec<u64> = outcome
-        .reports
-        .iter()
-        .flat_map(|r| r.reader_counts())
-        .collect();
-    let (min, max) = (
-        per_consumer.iter().min().copied().unwrap_or(0),
-        per_consumer.iter().max().copied().unwrap_or(0),
-    );
-    let cpu = outcome.cpu_ns() as f64;
-    let cpu_pct = 100.0 * cpu / producer.window_ns.max(1) as f64;
-    let transport_cpu = base_per_frame
-        .map(|b| format!("{:.0}", us((cpu - b * produced as f64) / produced as f64)))
-        .unwrap_or_else(|| "-".into());
-    let mut lat: Vec<u64> = outcome
-        .reports
-        .iter()
-        .flat_map(|r| r.latencies_ns.iter().copied())
-        .collect();
-    lat.sort_unstable();
-    let pct = |p| {
-        measure::percentile(&lat, p)
-            .map(|v| format!("{:.0}", us(v as f64)))
-            .unwrap_or_else(|| "-".into())
-    };
-    format!(
-        "| {}{mark} | {n} | {produced} | {min}-{max} | {cpu_pct:.1} | {transport_cpu} | {} | {} |",
-        transport.name(),
-        pct(50.0),
-        pct(99.0)
-    )
-}
-
-fn part2(ctx: &Context, transports: &[Transport], errors: &mut Vec<String>) {
-    println!("## Part 2: highest rate of one link, NV12, sync=false\n");
-    println!(
+    let _ = writeln!(
+        out,
         "| transport | size | frame KiB | frames/s | CPU µs/frame (producer+consumer) | CPU total % |"
     );
-    println!("|---|---|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
     for &transport in transports {
         for (w, h) in RATE_SIZES {
             eprintln!(
@@ -433,14 +447,16 @@ fn part2(ctx: &Context, transports: &[Transport], errors: &mut Vec<String>) {
                 .max()
                 .unwrap_or(0);
             if received == 0 || window == 0 {
-                println!(
+                let _ = writeln!(
+                    out,
                     "| {}{mark} | {w}x{h} | {kib} | - | - | - |",
                     transport.name()
                 );
                 continue;
             }
             let cpu = outcome.cpu_ns() as f64;
-            println!(
+            let _ = writeln!(
+                out,
                 "| {}{mark} | {w}x{h} | {kib} | {:.0} | {:.1} | {:.1} |",
                 transport.name(),
                 received as f64 / (window as f64 / 1e9),
@@ -449,8 +465,10 @@ fn part2(ctx: &Context, transports: &[Transport], errors: &mut Vec<String>) {
             );
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\nThe producer pushes clones of 8 prepared frames (memfd-backed for bufshare, \
          system memory for shm, which copies anyway).\n"
     );
+    out
 }

@@ -1,4 +1,4 @@
-//! Clocks, CPU time, percentiles and facts about the machine (/proc).
+//! Clocks, CPU time, medians, percentiles and facts about the machine (/proc).
 
 use rustix::time::{clock_gettime, ClockId};
 
@@ -26,6 +26,29 @@ pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Median of `values` (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+/// The 1, 5 and 15 minute load averages from /proc/loadavg.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// The CPU model name from /proc/cpuinfo.
@@ -61,6 +84,14 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), Some(1));
         assert_eq!(percentile(&[7], 99.0), Some(7));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! making sure none is left behind.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -86,6 +87,7 @@ struct Child {
 pub struct Fleet {
     exe: PathBuf,
     log_dir: PathBuf,
+    env: Vec<(OsString, OsString)>,
     children: Vec<Child>,
 }
 
@@ -94,10 +96,13 @@ pub struct Fleet {
 pub struct ChildId(usize);
 
 impl Fleet {
-    pub fn new(exe: &Path, log_dir: &Path) -> Fleet {
+    /// A fleet whose children get `env` on top of this process's environment
+    /// (e.g. the variables that select another GStreamer install, see gstprefix.rs).
+    pub fn new(exe: &Path, log_dir: &Path, env: &[(OsString, OsString)]) -> Fleet {
         Fleet {
             exe: exe.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
+            env: env.to_vec(),
             children: Vec::new(),
         }
     }
@@ -120,6 +125,7 @@ impl Fleet {
             .arg("--pipeline")
             .arg(pipeline)
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("BUFSHARE_BENCH_PARENT", std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -4,7 +4,24 @@
 //! lets everything warm up, then tells all processes to `start` and, after
 //! the measured duration, to `stop` their measurement window (see roles.rs).
 //! Consumers are then stopped before the producer.
+//!
+//! Part 1 pipelines (fan-out, `fanout`), with `SRC` = `videotestsrc
+//! is-live=true pattern=solid-color ! video/x-raw,format=NV12,...`:
+//!
+//! | transport | producer | each consumer |
+//! |---|---|---|
+//! | bufshare | `SRC ! bufsharesink name=stamp socket=S` | `bufsharesrc name=read0 socket=S ! fakesink sync=false` |
+//! | shm | `SRC ! shmsink name=stamp socket-path=S wait-for-connection=false shm-size=20 frames sync=true` | `shmsrc name=read0 socket-path=S is-live=true ! CAPS ! fakesink sync=false` |
+//! | unixfd | `SRC ! unixfdsink name=stamp socket-path=S` | `unixfdsrc name=read0 socket-path=S ! fakesink sync=false` |
+//! | tee | `SRC ! tee name=stamp` + per consumer `stamp. ! queue name=readI ! fakesink sync=false`, one process | - |
+//!
+//! With 0 consumers (the baseline of each transport), the producer runs alone
+//! with the same sink element (tee: `SRC ! fakesink name=stamp sync=true`), so
+//! the baseline includes what the sink's proposed memory costs the source.
+//! The unixfd children get the environment of `Context::unixfd_env` (another
+//! GStreamer install, see gstprefix.rs).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
@@ -12,11 +29,46 @@ use std::time::Duration;
 use crate::roles::nv12_size;
 use crate::runner::{wait_for_path, ChildId, Fleet, Report};
 
-/// Part 1 format.
-pub const FANOUT_WIDTH: u32 = 1920;
-pub const FANOUT_HEIGHT: u32 = 1080;
-// solid-color costs ~0.1 ms a 1080p frame (ball ~7 ms), so the producer-alone baseline
-// stays small and the transport cost is not lost in its noise.
+/// A part 1 format: NV12 `width` x `height` at `fps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+}
+
+impl Size {
+    pub fn name(self) -> String {
+        format!("{}x{}", self.width, self.height)
+    }
+
+    /// The name the issue uses: 1080p for 1920x1080, else WxH.
+    pub fn short(self) -> String {
+        match (self.width, self.height) {
+            (1920, 1080) => "1080p".into(),
+            _ => self.name(),
+        }
+    }
+}
+
+/// Part 1 formats, the issue's two: 320x240 at 60 fps and 1080p at 30 fps.
+pub const FANOUT_SIZES: [Size; 2] = [
+    Size {
+        width: 320,
+        height: 240,
+        fps: 60,
+    },
+    Size {
+        width: 1920,
+        height: 1080,
+        fps: 30,
+    },
+];
+
+// solid-color is the cheapest pattern (ball ~7 ms a 1080p frame), but filling a 1080p NV12
+// frame still costs about 1 ms of CPU when the 2-core machine is quiet, and 2-5 ms in runs
+// where it is shared (measured 2026-11-30): the baseline's run-to-run noise is larger than
+// one consumer's cost at 1080p, hence rounds, medians and the consumer-only column (part1.rs).
 const FANOUT_SOURCE: &str = "videotestsrc is-live=true pattern=solid-color";
 /// shmsink area for part 1: room for about 20 frames.
 const FANOUT_SHM_FRAMES: usize = 20;
@@ -25,20 +77,27 @@ const RATE_SHM_FRAMES: usize = 8;
 /// How long a producer's socket may take to appear.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Transport {
     Bufshare,
     Shm,
+    Unixfd,
     Tee,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 3] = [Transport::Bufshare, Transport::Shm, Transport::Tee];
+    pub const ALL: [Transport; 4] = [
+        Transport::Bufshare,
+        Transport::Shm,
+        Transport::Unixfd,
+        Transport::Tee,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::Bufshare => "bufshare",
             Transport::Shm => "shm",
+            Transport::Unixfd => "unixfd",
             Transport::Tee => "tee",
         }
     }
@@ -55,10 +114,12 @@ pub struct Context {
     pub seconds: f64,
     pub rate_seconds: f64,
     pub warmup: Duration,
+    /// Extra environment of the unixfd children (empty: this process's GStreamer).
+    pub unixfd_env: Vec<(OsString, OsString)>,
 }
 
-fn nv12_caps(width: u32, height: u32) -> String {
-    format!("video/x-raw,format=NV12,width={width},height={height},framerate=30/1")
+fn nv12_caps(width: u32, height: u32, fps: u32) -> String {
+    format!("video/x-raw,format=NV12,width={width},height={height},framerate={fps}/1")
 }
 
 /// A path quoted for a gst-launch description.
@@ -95,11 +156,12 @@ struct Plan {
     producer: (String, Vec<String>),
     socket: Option<PathBuf>,
     consumers: Vec<String>,
+    env: Vec<(OsString, OsString)>,
 }
 
 /// Runs one measurement of `plan`: start, warm up, measure, stop.
 fn execute(ctx: &Context, label: &str, plan: Plan, seconds: f64) -> Outcome {
-    let mut fleet = Fleet::new(&ctx.exe, &ctx.tmp);
+    let mut fleet = Fleet::new(&ctx.exe, &ctx.tmp, &plan.env);
     let mut consumers: Vec<ChildId> = Vec::new();
     let mut setup = || -> Result<(), String> {
         let (desc, extra) = &plan.producer;
@@ -127,27 +189,13 @@ fn execute(ctx: &Context, label: &str, plan: Plan, seconds: f64) -> Outcome {
     Outcome { reports, errors }
 }
 
-/// Part 1 baseline: the live producer alone.
-pub fn baseline(ctx: &Context) -> Outcome {
-    let caps = nv12_caps(FANOUT_WIDTH, FANOUT_HEIGHT);
-    let plan = Plan {
-        producer: (
-            format!("{FANOUT_SOURCE} ! {caps} ! fakesink name=stamp sync=true"),
-            vec![],
-        ),
-        socket: None,
-        consumers: vec![],
-    };
-    execute(ctx, "baseline", plan, ctx.seconds)
-}
-
-/// Part 1: one live 1080p30 producer, `n` consumers.
-pub fn fanout(ctx: &Context, transport: Transport, n: usize) -> Outcome {
-    let caps = nv12_caps(FANOUT_WIDTH, FANOUT_HEIGHT);
+/// Part 1: one live producer of `size`, `n` consumers (0: the producer
+/// alone, the baseline of `transport`). `round` only makes names unique.
+pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: usize) -> Outcome {
+    let caps = nv12_caps(size.width, size.height, size.fps);
     let source = format!("{FANOUT_SOURCE} ! {caps}");
-    let socket = ctx
-        .tmp
-        .join(format!("fanout-{}-{n}.sock", transport.name()));
+    let label = format!("r{}-{}-{}-{n}", round + 1, transport.name(), size.name());
+    let socket = ctx.tmp.join(format!("{label}.sock"));
     let s = quoted(&socket);
     let plan = match transport {
         Transport::Bufshare => Plan {
@@ -157,9 +205,10 @@ pub fn fanout(ctx: &Context, transport: Transport, n: usize) -> Outcome {
             ),
             socket: Some(socket.clone()),
             consumers: vec![format!("bufsharesrc name=read0 socket={s} ! fakesink sync=false"); n],
+            env: vec![],
         },
         Transport::Shm => {
-            let shm_size = FANOUT_SHM_FRAMES * nv12_size(FANOUT_WIDTH, FANOUT_HEIGHT);
+            let shm_size = FANOUT_SHM_FRAMES * nv12_size(size.width, size.height);
             Plan {
                 producer: (
                     format!(
@@ -175,8 +224,27 @@ pub fn fanout(ctx: &Context, transport: Transport, n: usize) -> Outcome {
                     );
                     n
                 ],
+                env: vec![],
             }
         }
+        Transport::Unixfd => Plan {
+            producer: (
+                format!("{source} ! unixfdsink name=stamp socket-path={s}"),
+                vec![],
+            ),
+            socket: Some(socket.clone()),
+            consumers: vec![
+                format!("unixfdsrc name=read0 socket-path={s} ! fakesink sync=false");
+                n
+            ],
+            env: ctx.unixfd_env.clone(),
+        },
+        Transport::Tee if n == 0 => Plan {
+            producer: (format!("{source} ! fakesink name=stamp sync=true"), vec![]),
+            socket: None,
+            consumers: vec![],
+            env: vec![],
+        },
         Transport::Tee => {
             let branches: String = (0..n)
                 .map(|i| format!(" stamp. ! queue name=read{i} ! fakesink sync=false"))
@@ -185,20 +253,16 @@ pub fn fanout(ctx: &Context, transport: Transport, n: usize) -> Outcome {
                 producer: (format!("{source} ! tee name=stamp{branches}"), vec![]),
                 socket: None,
                 consumers: vec![],
+                env: vec![],
             }
         }
     };
-    execute(
-        ctx,
-        &format!("fanout-{}-{n}", transport.name()),
-        plan,
-        ctx.seconds,
-    )
+    execute(ctx, &label, plan, ctx.seconds)
 }
 
 /// Part 2: one link, producer pushing prepared frames as fast as it can.
 pub fn rate(ctx: &Context, transport: Transport, width: u32, height: u32) -> Outcome {
-    let caps = nv12_caps(width, height);
+    let caps = nv12_caps(width, height, 30);
     let socket = ctx
         .tmp
         .join(format!("rate-{}-{width}x{height}.sock", transport.name()));
@@ -221,6 +285,7 @@ pub fn rate(ctx: &Context, transport: Transport, width: u32, height: u32) -> Out
                 consumers: vec![format!(
                     "bufsharesrc name=read0 socket={s} ! fakesink sync=false"
                 )],
+                env: vec![],
             }
         }
         Transport::Shm => {
@@ -237,9 +302,12 @@ pub fn rate(ctx: &Context, transport: Transport, width: u32, height: u32) -> Out
                 consumers: vec![format!(
                     "shmsrc name=read0 socket-path={s} ! capsfilter caps=\"{caps}\" ! fakesink sync=false"
                 )],
+                env: vec![],
             }
         }
-        Transport::Tee => unreachable!("part 2 measures links between processes"),
+        Transport::Unixfd | Transport::Tee => {
+            unreachable!("part 2 measures bufshare and shm links")
+        }
     };
     execute(
         ctx,
