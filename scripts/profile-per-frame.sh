@@ -79,24 +79,26 @@ under() {
   wait "${pids[@]}" 2>/dev/null || true
 }
 
-# One run of each tool for N frames: prints "instructions syscalls switches".
+# One run of each tool for N frames: prints "instructions syscalls switches
+# page-faults".
 run() {
   local n=$1
   under "$n" valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$n"
   local ir; ir=$(grep -h '^summary:' "$TMP"/cg."$n"* | awk '{s += $2} END {print s}')
   under "$n" strace -f -c -o "$TMP/syscalls.$n"
   local sc; sc=$(awk '$NF == "total" {print $4}' "$TMP/syscalls.$n")
-  under "$n" /usr/bin/time -o "$TMP/time.$n" -f "%w %c"
-  local cs; cs=$(tail -n 1 "$TMP/time.$n" | awk '{print $1 + $2}')
-  echo "$ir $sc $cs"
+  under "$n" /usr/bin/time -o "$TMP/time.$n" -f "%w %c %R"
+  local cs pf; read -r cs pf < <(tail -n 1 "$TMP/time.$n" | awk '{print $1 + $2, $3}')
+  echo "$ir $sc $cs $pf"
 }
-read -r IR_A SC_A CS_A < <(run "$A")
-read -r IR_B SC_B CS_B < <(run "$B")
+read -r IR_A SC_A CS_A PF_A < <(run "$A")
+read -r IR_B SC_B CS_B PF_B < <(run "$B")
 FR=$((B - A))
 echo "$TRANSPORT $ROLE, $CONSUMERS consumer(s), ${W}x${H} at $FPS fps, frames $A and $B:"
 awk -v a="$IR_A" -v b="$IR_B" -v f="$FR" 'BEGIN {printf "  instructions per frame: %.1fk\n", (b - a) / f / 1000}'
 awk -v a="$SC_A" -v b="$SC_B" -v f="$FR" 'BEGIN {printf "  syscalls per frame:     %.2f\n", (b - a) / f}'
 awk -v a="$CS_A" -v b="$CS_B" -v f="$FR" 'BEGIN {printf "  context switches per frame (voluntary + involuntary): %.2f\n", (b - a) / f}'
+awk -v a="$PF_A" -v b="$PF_B" -v f="$FR" 'BEGIN {printf "  page faults per frame (minor): %.2f\n", (b - a) / f}'
 echo "  syscalls per frame by name (calls at $B minus at $A, / $FR):"
 calls() { awk 'NR > 2 && $NF != "total" && $1 !~ /^-/ {print $NF, $4}' "$1" | sort; }
 join -a2 -e0 -o 0,1.2,2.2 <(calls "$TMP/syscalls.$A") <(calls "$TMP/syscalls.$B") |

@@ -296,12 +296,13 @@ pub fn report(results: &Results, settings: &Settings) -> String {
         "Transport µs/frame/consumer = (CPU of all processes / frames produced - CPU of the \
          producer with the same sink and no consumer / frames it produced, same round) / \
          consumers; median of rounds (min-max over rounds). CPU %: all processes, of one CPU. \
-         Latency: producer's sink rendering the frame (stamped by a probe on its sink pad: now \
-         plus what is left of a sync=true sink's clock wait) to the consumer's source pad, all \
-         consumers and rounds pooled. Ratios: of the medians. \"Of which the consumer \
+         Latency: from the render (the frame leaving the producer's `identity sync=true` for \
+         the sink, after its clock wait) to the consumer's source pad, all consumers and \
+         rounds pooled. Ratios: of the medians. \"Of which the consumer \
          process\": CPU of the consumer processes alone per frame and consumer (median of \
          rounds); the rest is what the producer spends beyond its baseline. A consumer \
-         process costs ~80 µs a frame at minimum whatever the transport. The producer's own \
+         process that wakes once a frame has a floor of its own whatever the transport \
+         (docs/performance.md). The producer's own \
          CPU per frame (the baseline, mostly the source filling frames) can vary between runs \
          by more than one consumer costs on a loaded machine: compare the min-max over \
          rounds, and trust rows with more consumers more.\n"

@@ -5,8 +5,10 @@
 //! labels the process; what a child does is driven by element names in its
 //! pipeline description:
 //!
-//! - `stamp`: a probe on its sink pad counts frames as `produced` and writes
-//!   CLOCK_MONOTONIC ns into the first 8 bytes of each frame;
+//! - `stamp`: a probe counts frames as `produced` and writes CLOCK_MONOTONIC
+//!   ns into the first 8 bytes of each frame: on the src pad of an element
+//!   that has one (the part 1 producers' `identity sync=true`, after its
+//!   clock wait: the moment the frame goes to the sink), else on its sink pad;
 //! - `read0`, `read1`, ...: a probe on each one's src pad counts frames as
 //!   `read0`, ... and records `now - stamp` as a latency sample;
 //! - `feed` (an appsrc): a thread pushes clones of 8 prepared frames as fast as
@@ -412,9 +414,15 @@ fn run(args: &ChildArgs) -> Result<Vec<String>, String> {
 
     let mut counter = 0;
     if let Some(stamp) = &stamp {
-        let pad = stamp
-            .static_pad("sink")
-            .ok_or("stamp element has no sink pad")?;
+        // A sink is stamped on its sink pad (allowing for its clock wait); an
+        // element with one src pad (identity sync=true) on that pad, after
+        // its own clock wait, when the frame goes to the sink.
+        let pad = if stamp.is::<gst_base::BaseSink>() {
+            stamp.static_pad("sink")
+        } else {
+            stamp.static_pad("src").or_else(|| stamp.static_pad("sink"))
+        }
+        .ok_or("stamp element has no sink pad")?;
         pad.add_probe(
             gst::PadProbeType::BUFFER,
             stamp_probe(stats.clone(), counter, stamp),

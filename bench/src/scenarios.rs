@@ -10,13 +10,20 @@
 //!
 //! | transport | producer | each consumer |
 //! |---|---|---|
-//! | bufshare | `SRC ! bufsharesink name=stamp socket=S` | `bufsharesrc name=read0 socket=S ! fakesink sync=false` |
-//! | shm | `SRC ! shmsink name=stamp socket-path=S wait-for-connection=false shm-size=20 frames sync=true` | `shmsrc name=read0 socket-path=S is-live=true ! CAPS ! fakesink sync=false` |
-//! | unixfd | `SRC ! unixfdsink name=stamp socket-path=S` | `unixfdsrc name=read0 socket-path=S ! fakesink sync=false` |
-//! | tee | `SRC ! tee name=stamp` + per consumer `stamp. ! queue name=readI ! fakesink sync=false`, one process | - |
+//! | bufshare | `SRC ! STAMP ! bufsharesink socket=S sync=false` | `bufsharesrc name=read0 socket=S ! fakesink sync=false` |
+//! | shm | `SRC ! STAMP ! shmsink socket-path=S wait-for-connection=false shm-size=20 frames sync=false` | `shmsrc name=read0 socket-path=S is-live=true ! CAPS ! fakesink sync=false` |
+//! | unixfd | `SRC ! STAMP ! unixfdsink socket-path=S sync=false` | `unixfdsrc name=read0 socket-path=S ! fakesink sync=false` |
+//! | tee | `SRC ! STAMP ! tee name=fan` + per consumer `fan. ! queue name=readI ! fakesink sync=false`, one process | - |
+//!
+//! `STAMP` is `identity name=stamp sync=true`: it waits for each frame's
+//! render time on the pipeline clock, as a sink with sync=true would, and the
+//! stamp is taken as the frame leaves it for the sink. Latency then runs from
+//! the render to the consumer, without the producer thread's lateness in
+//! waking from its clock wait (a scheduler matter, the same for every
+//! transport: 0.3-3 ms on a busy 2-core VM).
 //!
 //! With 0 consumers (the baseline of each transport), the producer runs alone
-//! with the same sink element (tee: `SRC ! fakesink name=stamp sync=true`), so
+//! with the same sink element (tee: `SRC ! STAMP ! fakesink sync=false`), so
 //! the baseline includes what the sink's proposed memory costs the source.
 //! The unixfd children get the environment of `Context::unixfd_env` (another
 //! GStreamer install, see gstprefix.rs).
@@ -70,6 +77,8 @@ pub const FANOUT_SIZES: [Size; 2] = [
 // where it is shared (measured 2026-11-30): the baseline's run-to-run noise is larger than
 // one consumer's cost at 1080p, hence rounds, medians and the consumer-only column (part1.rs).
 const FANOUT_SOURCE: &str = "videotestsrc is-live=true pattern=solid-color";
+/// The element that paces frames and stamps them (see the module comment).
+const STAMP: &str = "identity name=stamp sync=true";
 /// shmsink area for part 1: room for about 20 frames.
 const FANOUT_SHM_FRAMES: usize = 20;
 /// shmsink area for part 2: room for several frames of the largest size.
@@ -200,7 +209,7 @@ pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: 
     let plan = match transport {
         Transport::Bufshare => Plan {
             producer: (
-                format!("{source} ! bufsharesink name=stamp socket={s}"),
+                format!("{source} ! {STAMP} ! bufsharesink socket={s} sync=false"),
                 vec![],
             ),
             socket: Some(socket.clone()),
@@ -212,8 +221,8 @@ pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: 
             Plan {
                 producer: (
                     format!(
-                        "{source} ! shmsink name=stamp socket-path={s} \
-                         wait-for-connection=false shm-size={shm_size} sync=true"
+                        "{source} ! {STAMP} ! shmsink socket-path={s} \
+                         wait-for-connection=false shm-size={shm_size} sync=false"
                     ),
                     vec![],
                 ),
@@ -229,7 +238,7 @@ pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: 
         }
         Transport::Unixfd => Plan {
             producer: (
-                format!("{source} ! unixfdsink name=stamp socket-path={s}"),
+                format!("{source} ! {STAMP} ! unixfdsink socket-path={s} sync=false"),
                 vec![],
             ),
             socket: Some(socket.clone()),
@@ -240,17 +249,20 @@ pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: 
             env: ctx.unixfd_env.clone(),
         },
         Transport::Tee if n == 0 => Plan {
-            producer: (format!("{source} ! fakesink name=stamp sync=true"), vec![]),
+            producer: (format!("{source} ! {STAMP} ! fakesink sync=false"), vec![]),
             socket: None,
             consumers: vec![],
             env: vec![],
         },
         Transport::Tee => {
             let branches: String = (0..n)
-                .map(|i| format!(" stamp. ! queue name=read{i} ! fakesink sync=false"))
+                .map(|i| format!(" fan. ! queue name=read{i} ! fakesink sync=false"))
                 .collect();
             Plan {
-                producer: (format!("{source} ! tee name=stamp{branches}"), vec![]),
+                producer: (
+                    format!("{source} ! {STAMP} ! tee name=fan{branches}"),
+                    vec![],
+                ),
                 socket: None,
                 consumers: vec![],
                 env: vec![],
