@@ -51,7 +51,9 @@
 //!   sent (a greedy one) gets a new frame only while three frames of the
 //!   bound stay free for the consumers that keep up. See [`super::fanout`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -528,10 +530,10 @@ impl Server {
                 accept_paused_until: None,
                 pending_log: RateLimit::default(),
                 accept_log: RateLimit::default(),
-                holders: HashMap::new(),
+                holders: HashMap::default(),
                 client_timeout: config.client_timeout,
                 frames_rendered: 0,
-                read_only_fds: HashMap::new(),
+                read_only_fds: HashMap::default(),
                 held: HeldStats::default(),
                 recent_sent: RecentFrames::default(),
                 drained_until: None,
@@ -1232,10 +1234,10 @@ fn accept_newcomers(state: &mut State) {
                     pid: channel.peer_pid(),
                     channel,
                     phase: Phase::AwaitingHello { since: now },
-                    registered: HashSet::new(),
+                    registered: HashSet::default(),
                     asked: 0,
                     granted: 0,
-                    inflight: HashMap::new(),
+                    inflight: HashMap::default(),
                     queued: VecDeque::new(),
                     frames_sent: 0,
                     frames_dropped: 0,

@@ -19,7 +19,7 @@
 //! last share is freed.
 
 use gst::glib;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -376,7 +376,7 @@ impl Connection {
         let mut conn = Connection {
             channel,
             max_inflight: None,
-            imports: HashMap::new(),
+            imports: HashMap::default(),
             releaser,
             waker,
             buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
