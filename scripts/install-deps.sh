@@ -22,8 +22,11 @@ packages=(
   gstreamer1.0-plugins-ugly       # x264enc
   gstreamer1.0-libav              # avenc_aac/avdec_aac (planar audio), avdec_h264 (tests, README)
   gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
-  # tests: count the fds passed with SCM_RIGHTS
+  # tests: count the fds passed with SCM_RIGHTS (and scripts/profile-per-frame.sh: syscalls)
   strace
+  # scripts/profile-per-frame.sh: instructions (callgrind) and context switches (GNU time)
+  valgrind
+  time
   # hwtests/run-vm.sh: boots the virtual board (virtme-ng comes from pip: hwtests/install-vm-deps.sh)
   qemu-system-x86
 )
