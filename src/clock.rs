@@ -10,8 +10,18 @@
 use gst::prelude::*;
 
 /// Now on CLOCK_MONOTONIC, in ns.
+///
+/// Through libc, not rustix: rustix parses the vDSO itself, which crashes
+/// the process under valgrind (docs/performance.md profiles with callgrind),
+/// and rustix's libc backend does not build with the dma-heap crate.
 pub fn monotonic_now() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`; CLOCK_MONOTONIC always exists on Linux.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(r, 0);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
