@@ -105,12 +105,23 @@ fn hold_prepared(media: &RTSPMedia, path: String) {
         }
         let media = media.clone();
         let path = path.clone();
-        // Not from inside the signal (state lock held there): from the main loop.
-        glib::idle_add_once(move || {
-            if media.status() == gst_rtsp_server::RTSPMediaStatus::Prepared
-                && media.prepare(None).is_ok()
-            {
-                gst::info!(CAT, "media for {path} prepared, kept prepared");
+        // Not from inside the signal (the media's state lock is held there, and the status may
+        // not read Prepared yet): from the main loop, polling until the preparation settles.
+        glib::timeout_add(std::time::Duration::from_millis(20), move || {
+            use gst_rtsp_server::RTSPMediaStatus;
+            match media.status() {
+                RTSPMediaStatus::Preparing => glib::ControlFlow::Continue,
+                RTSPMediaStatus::Prepared => {
+                    match media.prepare(None) {
+                        Ok(()) => gst::info!(CAT, "media for {} prepared, kept prepared", path),
+                        Err(e) => gst::warning!(CAT, "media for {} not held: {}", path, e),
+                    }
+                    glib::ControlFlow::Break
+                }
+                other => {
+                    gst::warning!(CAT, "media for {} not held, status {:?}", path, other);
+                    glib::ControlFlow::Break
+                }
             }
         });
     });
