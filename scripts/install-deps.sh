@@ -14,6 +14,7 @@ packages=(
   g++                             # CI checks that the fuzz target (libfuzzer-sys: C++) compiles
   libgstreamer1.0-dev
   libgstreamer-plugins-base1.0-dev
+  libgstrtspserver-1.0-dev        # cli/: bufshare rtsp (gstreamer-rtsp-server)
   # run: gst-launch-1.0 / gst-inspect-1.0, and the elements the demo, tests and benchmark use
   gstreamer1.0-tools
   gstreamer1.0-plugins-base       # videotestsrc, videoconvert, videoscale, appsrc/appsink
@@ -24,6 +25,8 @@ packages=(
   gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
   # tests: count the fds passed with SCM_RIGHTS (and scripts/profile-per-frame.sh: syscalls)
   strace
+  # cli/tests: ffprobe counts the frames an RTSP client decodes
+  ffmpeg
   # scripts/profile-per-frame.sh: instructions (callgrind) and context switches (GNU time)
   valgrind
   time
