@@ -3,8 +3,8 @@
 # --all-features, so CI notices when a backend or feature stops compiling or linking for arm64.
 #
 # How: the cross linker (gcc-aarch64-linux-gnu) is installed on the host; the arm64 GStreamer libraries
-# come from Debian's arm64 packages (libgstreamer1.0-dev, libgstreamer-plugins-base1.0-dev and their
-# dependencies), downloaded with apt and unpacked into a private sysroot under target/ instead of being
+# come from Debian's arm64 packages (libgstreamer1.0-dev, libgstreamer-plugins-base1.0-dev,
+# libgstrtspserver-1.0-dev and their dependencies), downloaded with apt and unpacked into a private sysroot under target/ instead of being
 # installed with dpkg. Reason: on Debian 12 libgstreamer-plugins-base1.0-dev is not "Multi-Arch: same",
 # so installing its :arm64 flavour would REMOVE the amd64 one (and with it plugins-bad-dev) that
 # scripts/install-deps.sh needs, and installing the other :arm64 libraries forces upgrades of the
@@ -31,7 +31,8 @@ multiarch=aarch64-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 sysroot=${AARCH64_SYSROOT:-$target_dir/aarch64-sysroot}
 # The arm64 packages whose .pc files and libraries the gstreamer-rs crates link against.
-arm64_packages=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev)
+# libgstrtspserver-1.0-dev: cli/ (bufshare rtsp) links gst-rtsp-server.
+arm64_packages=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev)
 host_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross pkg-config file)
 
 sudo=()
