@@ -410,17 +410,8 @@ pub fn wait_pair(
         PollFd::from_borrowed_fd(a, PollFlags::IN),
         PollFd::from_borrowed_fd(b, PollFlags::IN),
     ];
-    let ts = timeout.map(|t| rustix::time::Timespec {
-        tv_sec: t.as_secs() as i64,
-        tv_nsec: t.subsec_nanos() as _,
-    });
-    loop {
-        match rustix::event::poll(&mut pfds, ts.as_ref()) {
-            Ok(_) => return Ok([pfds[0].revents(), pfds[1].revents()]),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    poll_fds(&mut pfds, timeout)?;
+    Ok([pfds[0].revents(), pfds[1].revents()])
 }
 
 /// Waits until one of `fds` has one of the events asked for it (an fd asked
@@ -435,18 +426,26 @@ pub fn wait_for(
         .iter()
         .map(|(fd, flags)| PollFd::from_borrowed_fd(*fd, *flags))
         .collect();
+    poll_fds(&mut pfds, timeout)?;
+    Ok(pfds.iter().map(|p| p.revents()).collect())
+}
+
+/// poll(2) on `pfds` until an event or `timeout`, retrying when interrupted.
+fn poll_fds(
+    pfds: &mut [rustix::event::PollFd<'_>],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<()> {
     let ts = timeout.map(|t| rustix::time::Timespec {
         tv_sec: t.as_secs() as i64,
         tv_nsec: t.subsec_nanos() as _,
     });
     loop {
-        match rustix::event::poll(&mut pfds, ts.as_ref()) {
-            Ok(_) => break,
+        match rustix::event::poll(pfds, ts.as_ref()) {
+            Ok(_) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(pfds.iter().map(|p| p.revents()).collect())
 }
 
 #[cfg(test)]
