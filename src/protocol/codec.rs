@@ -13,6 +13,7 @@ const KIND_RELEASE: u16 = 7;
 const KIND_EOS: u16 = 8;
 const KIND_DISCONNECT: u16 = 9;
 const KIND_MAX_INFLIGHT: u16 = 10;
+const KIND_RELEASE_RING: u16 = 12;
 
 const MEM_REGISTERED: u32 = 1;
 const MEM_INLINE: u32 = 2;
@@ -168,6 +169,10 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
         Message::MaxInflight { frames } => {
             w.u32(*frames);
             KIND_MAX_INFLIGHT
+        }
+        Message::ReleaseRing { capacity } => {
+            w.u32(*capacity);
+            KIND_RELEASE_RING
         }
     };
     *out = w.0;
@@ -349,7 +354,7 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             actual: body.len(),
         });
     }
-    let expected_fds = if kind == KIND_REGISTER { 1 } else { 0 };
+    let expected_fds = usize::from(kind == KIND_REGISTER || kind == KIND_RELEASE_RING);
     if header_fds != received_fds || header_fds != expected_fds {
         return Err(DecodeError::FdCountMismatch {
             header: header_fds,
@@ -432,6 +437,14 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             let mut r = Reader::new(body, "MAX_INFLIGHT");
             let frames = r.u32("frames")?;
             (r, Message::MaxInflight { frames })
+        }
+        KIND_RELEASE_RING => {
+            let mut r = Reader::new(body, "RELEASE_RING");
+            let capacity = r.u32("capacity")?;
+            if !release_ring::valid_capacity(capacity) {
+                return Err(r.bad("capacity", capacity as u64));
+            }
+            (r, Message::ReleaseRing { capacity })
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

@@ -19,6 +19,7 @@
 //! bounds-checked and every count is capped before anything is allocated.
 
 mod codec;
+pub mod release_ring;
 
 pub use codec::{decode, encode, encode_frame_into, encode_into, DecodeError};
 
@@ -312,13 +313,19 @@ pub enum Message {
     MaxInflight {
         frames: u32,
     },
+    /// Producer -> consumer, with one fd: a release ring (a sealed memfd of
+    /// [`release_ring::ring_len`]`(capacity)` bytes) for a consumer that said
+    /// [`release_ring::FEATURE_RELEASE_RING`]. See [`release_ring`].
+    ReleaseRing {
+        capacity: u32,
+    },
 }
 
 impl Message {
     /// Number of fds that must travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Register(_) => 1,
+            Message::Register(_) | Message::ReleaseRing { .. } => 1,
             _ => 0,
         }
     }
@@ -336,6 +343,7 @@ impl Message {
             Message::Eos => "EOS",
             Message::Disconnect { .. } => "DISCONNECT",
             Message::MaxInflight { .. } => "MAX_INFLIGHT",
+            Message::ReleaseRing { .. } => "RELEASE_RING",
         }
     }
 }

@@ -136,6 +136,7 @@ const HELLO_V1_CONSUMER: &str = "0100 0000 10000000 | 4255465348415245 0100 02 0
 const EOS: &str = "0800 0000 00000000";
 const DISCONNECT: &str = "0900 0000 06000000 | 02000000 6869";
 const MAX_INFLIGHT: &str = "0a00 0000 04000000 | 40000000";
+const RELEASE_RING: &str = "0c00 0100 04000000 | 00040000";
 const FORGET: &str = "0500 0000 08000000 | 0807060504030201";
 const RELEASE: &str = "0700 0000 14000000 | 02000000 0100000000000000 0000000001000000";
 const REGISTER: &str = "0400 0100 14000000 | 0700000000000000 02000000 0010000000000000";
@@ -303,6 +304,7 @@ fn golden_encodings() {
     assert_eq!(round_trip(&Message::Eos, 8), hex(EOS));
     assert_eq!(round_trip(&Message::Disconnect { reason: "hi".into() }, 9), hex(DISCONNECT));
     assert_eq!(round_trip(&Message::MaxInflight { frames: 64 }, 10), hex(MAX_INFLIGHT));
+    assert_eq!(round_trip(&Message::ReleaseRing { capacity: 1024 }, 12), hex(RELEASE_RING));
     assert_eq!(round_trip(&Message::Forget { mem_id: 0x0102_0304_0506_0708 }, 5), hex(FORGET));
     assert_eq!(round_trip(&release(vec![1, 1 << 32]), 7), hex(RELEASE));
     assert_eq!(round_trip(&register(7, MemoryKind::DmaBuf, 4096), 4), hex(REGISTER));
@@ -385,6 +387,15 @@ fn fd_count_errors() {
     fails(&f, 1, fds(0, 1, 0)); // FRAME that came with an fd
     fails(&[&hex("0600 0100")[..], &f[4..]].concat(), 1, fds(1, 1, 0)); // FRAME, header says 1
     fails(&hex(EOS), 1, fds(0, 1, 0));
+    fails(&hex(RELEASE_RING), 0, fds(1, 0, 1)); // RELEASE_RING whose fd did not arrive
+    fails(&hex("0c00 0000 04000000 | 00040000"), 0, fds(0, 0, 1));
+    for capacity in ["00000000", "08000000", "e8030000", "00000200", "ffffffff"] {
+        let d = hex(&format!("0c00 0100 04000000 | {capacity}"));
+        let value = u32::from_le_bytes(d[8..12].try_into().unwrap()) as u64;
+        fails(&d, 1, bad("RELEASE_RING", "capacity", value));
+    }
+    fails(&hex("0c00 0100 02000000 | 0004"), 1, trunc("RELEASE_RING", "capacity"));
+    fails(&hex("0c00 0100 05000000 | 00040000 00"), 1, trailing("RELEASE_RING", 1));
 }
 
 #[test]
@@ -560,6 +571,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         1 => Just(Message::Eos),
         1 => "\\PC{0,64}".prop_map(|reason| Message::Disconnect { reason }),
         1 => any::<u32>().prop_map(|frames| Message::MaxInflight { frames }),
+        1 => (4..=16u32).prop_map(|bits| Message::ReleaseRing { capacity: 1 << bits }),
     ]
 }
 
@@ -595,7 +607,7 @@ proptest! {
     }
 
     #[test]
-    fn prop_random_body_never_panics(kind in 0..10u16, n in 0..3u16, body in bytes(2048)) {
+    fn prop_random_body_never_panics(kind in 0..13u16, n in 0..3u16, body in bytes(2048)) {
         let _ = decode(&dgram(kind, n, &body), n as usize);
     }
 
@@ -633,9 +645,10 @@ proptest! {
 
 #[test]
 fn hello_of_a_version_2_producer_matches_the_worked_example() {
-    let enc = encode(&hello(VERSION, Role::Producer, 0));
+    let features = release_ring::FEATURE_RELEASE_RING;
+    let enc = encode(&hello(VERSION, Role::Producer, features));
     assert_eq!(
         enc,
-        hex("0100 0000 10000000 | 4255465348415245 0200 01 00 00000000")
+        hex("0100 0000 10000000 | 4255465348415245 0200 01 00 01000000")
     );
 }
