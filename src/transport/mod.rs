@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+pub mod ring;
 pub mod unix;
 
 /// One datagram received, with the fds that came with it.
