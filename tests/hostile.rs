@@ -227,6 +227,34 @@ fn release_with_pipe_fds(c: &UnixChannel, n: usize) {
     send(c, &Message::Release { frame_ids: vec![] }, &borrowed(&fds));
 }
 
+/// Handshakes asking for a release ring and returns the ring's fd (read
+/// and write, as a consumer gets it), read from the sink's first messages.
+fn hostile_ring(c: &UnixChannel) -> OwnedFd {
+    use protocol::release_ring::FEATURE_RELEASE_RING;
+    send(
+        c,
+        &Message::Hello(protocol::Hello {
+            version: protocol::VERSION,
+            role: Role::Consumer,
+            features: FEATURE_RELEASE_RING,
+        }),
+        &[],
+    );
+    loop {
+        match recv_msg(c) {
+            Some((Message::ReleaseRing { .. }, mut fds)) => return fds.pop().unwrap(),
+            Some(_) => continue,
+            None => panic!("no RELEASE_RING from the sink"),
+        }
+    }
+}
+
+/// Writes `value` as the u64 at `offset` of a ring (a consumer may write
+/// anything anywhere in it).
+fn poke(ring: &OwnedFd, offset: usize, value: u64) {
+    rustix::io::pwrite(ring, &value.to_le_bytes(), offset as u64).unwrap();
+}
+
 fn sealed_memfd(size: u64) -> OwnedFd {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create("hostile", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
@@ -358,6 +386,24 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
             );
         },
         "RELEASE of frame 18446744073709551614, which it does not hold",
+    ),
+    (
+        "release ring write counter far ahead",
+        |c| {
+            let ring = hostile_ring(c);
+            poke(&ring, protocol::release_ring::WRITE_OFFSET, 5000);
+        },
+        "release ring write counter 5000 is not within 1024 slots",
+    ),
+    (
+        "release ring names a frame it does not hold",
+        |c| {
+            use protocol::release_ring::{IDS_OFFSET, WRITE_OFFSET};
+            let ring = hostile_ring(c);
+            poke(&ring, IDS_OFFSET, 0xdead);
+            poke(&ring, WRITE_OFFSET, 1);
+        },
+        "release ring names frame 57005, which it does not hold",
     ),
     (
         "RELEASE with more ids than allowed",

@@ -305,11 +305,16 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         assert_identical(name, &p, c);
         assert_same_memory(name, &p, c);
     }
-    // One fd per distinct producer memory, not one per frame.
+    // One fd per distinct producer memory, not one per frame, and the
+    // release ring's (one per connection).
     let log = std::fs::read_to_string(&strace_log).unwrap();
     let fds = scm_rights_fds(&log).len();
     let distinct: BTreeSet<u64> = traced.frames.values().map(|f| f.ino).collect();
-    assert_eq!(fds, distinct.len(), "fds received vs distinct memories");
+    assert_eq!(
+        fds,
+        distinct.len() + 1,
+        "fds received vs distinct memories and the release ring"
+    );
     assert!(
         fds < traced.frames.len(),
         "{fds} fds for {} frames",
@@ -333,8 +338,8 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         .count();
     assert_eq!(
         shared_maps,
-        distinct.len(),
-        "shared mappings vs distinct memories"
+        distinct.len() + 1,
+        "shared mappings vs distinct memories and the release ring"
     );
 }
 

@@ -26,7 +26,9 @@
 //! and `freed` came back in all, some never having reached the sink when the stream was ended
 //! early; `memfds-after-stop`: memfd fds still open once the pipeline is stopped, frames someone
 //! kept, 0 when everything came back), and with `--stats-every` lines
-//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=..` sampled from the sink's stats.
+//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=.. held=.. by-ring=.. by-message=..`
+//! sampled from the sink's stats (`by-ring`/`by-message`: frames it released through its release ring
+//! and in RELEASE messages).
 //! `--frame-lines 0` makes a producer keep no line per frame (its memory stays flat in long
 //! runs; `summary pushed=` still counts them). `--source slots` cycles through `--slots` memfds (12 by default). `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
 //! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
@@ -539,13 +541,15 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             continue;
         };
         report.push(format!(
-            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={}",
+            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={} by-ring={} by-message={}",
             c.get::<i32>("pid").unwrap_or(0),
             c.get::<u32>("frames-in-flight").unwrap_or(0),
             c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
             c.get::<u64>("frames-sent").unwrap_or(0),
             c.get::<u64>("frames-dropped").unwrap_or(0),
             stats.get::<u32>("frames-held").unwrap_or(0),
+            c.get::<u64>("released-by-ring").unwrap_or(0),
+            c.get::<u64>("released-by-message").unwrap_or(0),
         ));
     }
 }

@@ -16,6 +16,14 @@
 //!   streaming thread does not drain and the I/O thread reads every RELEASE at
 //!   once, so pool buffers go back upstream as soon as they can.
 //!
+//! A consumer that asks for it gets a release ring (shared memory, see
+//! [`crate::protocol::release_ring`]) and writes its releases there: the
+//! streaming thread reads the rings before each frame, with no system call.
+//! While the I/O thread is in charge of releases (a held bound, or no frame
+//! for [`DRAIN_HANDOFF`]) the rings say "release on the socket"; the I/O
+//! thread also reads the rings, on every round and every few ms for a while
+//! after that switch, so a release written just before it is not left behind.
+//!
 //! A consumer's frames are held (a `gst::Buffer` reference each) until it
 //! releases them or goes away, so upstream pool buffers come back exactly
 //! when no consumer needs them any more.
@@ -62,9 +70,17 @@ use std::time::{Duration, Instant};
 
 use super::fanout::{Candidate, FanOut, RecentFrames, Verdict};
 use crate::memtag::ForgetListener;
+use crate::protocol::release_ring::{self, FEATURE_RELEASE_RING};
 use crate::protocol::{self, Hello, Message, Register, Role};
+use crate::transport::ring::ProducerRing;
 use crate::transport::unix::{wait_for, Listener, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
+
+/// After the rings switch to releases on the socket, the I/O thread reads
+/// them this often for [`RING_SWITCH_WATCH`] (a consumer may have written a
+/// release just as the switch happened).
+const RING_SWITCH_TICK: Duration = Duration::from_millis(5);
+const RING_SWITCH_WATCH: Duration = Duration::from_millis(100);
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -152,6 +168,9 @@ pub struct ClientStats {
     pub memories_registered: u64,
     /// Frames it may hold at once (its MAX_INFLIGHT grant).
     pub max_inflight: u32,
+    /// Frames it released through its release ring, and in RELEASE messages.
+    pub released_by_ring: u64,
+    pub released_by_message: u64,
 }
 
 /// Counters of the bound on frames held by all consumers together.
@@ -193,6 +212,11 @@ struct Client {
     granted: u32,
     /// Frames it holds, by frame id.
     inflight: HashMap<u64, gst::Buffer>,
+    /// Its release ring, if it asked for one.
+    ring: Option<ProducerRing>,
+    /// Frames it released through its ring, and in RELEASE messages.
+    released_by_ring: u64,
+    released_by_message: u64,
     /// Control messages that did not fit in the socket, in order.
     queued: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     frames_sent: u64,
@@ -283,6 +307,8 @@ impl Client {
             frames_dropped_held: self.frames_dropped_held,
             memories_registered: self.registered.len() as u64,
             max_inflight: self.granted,
+            released_by_ring: self.released_by_ring,
+            released_by_message: self.released_by_message,
         }
     }
 
@@ -300,6 +326,35 @@ impl Client {
         if granted != self.granted || always {
             self.granted = granted;
             self.send_control(&Message::MaxInflight { frames: granted }, None);
+        }
+    }
+
+    /// Takes the releases it wrote to its ring since the last look.
+    fn take_ring_releases(&mut self, holders: &mut HashMap<u64, u32>, now: Instant) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        if self.phase != Phase::Active || self.dead.is_some() {
+            return;
+        }
+        let inflight = &mut self.inflight;
+        let taken = ring.drain(|id| {
+            if inflight.remove(&id).is_none() {
+                return Err(format!(
+                    "release ring names frame {id}, which it does not hold"
+                ));
+            }
+            unhold(holders, id);
+            Ok(())
+        });
+        match taken {
+            Ok(0) => {}
+            Ok(n) => {
+                self.released_any = true;
+                self.last_heard = now;
+                self.released_by_ring += n;
+            }
+            Err(e) => self.kill(format!("protocol error: {e}"), true),
         }
     }
 
@@ -395,6 +450,10 @@ struct State {
     drained_until: Option<Instant>,
     /// When the I/O thread next checks consumers for stalls.
     next_stall_check: Instant,
+    /// Whether the release rings say "release on the socket" (the I/O
+    /// thread is in charge of releases), and when that last became so.
+    rings_on_socket: bool,
+    rings_on_socket_since: Option<Instant>,
     /// Scratch of the streaming thread: the serving order of consumers, and
     /// the buffer messages are read into.
     order: Vec<usize>,
@@ -538,6 +597,8 @@ impl Server {
                 recent_sent: RecentFrames::default(),
                 drained_until: None,
                 next_stall_check: Instant::now(),
+                rings_on_socket: true,
+                rings_on_socket_since: None,
                 order: Vec::new(),
                 drain_buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
             }),
@@ -679,10 +740,28 @@ impl Server {
         let mut events = Vec::new();
         let mut order = std::mem::take(&mut state.order);
         fan.order(state.clients.iter().map(|c| c.inflight.len()), &mut order);
+        // Releases written to the rings since the last frame, and where the
+        // next ones go: the rings while this thread drains, the socket while
+        // a held bound needs them read at once.
+        let now = Instant::now();
+        let ring_mode_changed = state.rings_on_socket == drains;
+        if ring_mode_changed {
+            state.rings_on_socket = !drains;
+            state.rings_on_socket_since = (!drains).then_some(now);
+        }
+        for client in state.clients.iter_mut() {
+            if ring_mode_changed {
+                if let Some(ring) = client.ring.as_mut() {
+                    ring.switch(!drains);
+                }
+            }
+            client.take_ring_releases(&mut state.holders, now);
+        }
         let mut ctx = ReadContext {
             stream: &state.stream,
             limits: state.inflight,
             holders: &mut state.holders,
+            rings_on_socket: state.rings_on_socket,
         };
         for &i in &order {
             let client = &mut state.clients[i];
@@ -690,7 +769,11 @@ impl Server {
                 continue;
             }
             client.flush();
-            if drains && out.needs_release && client.inflight.len() >= client.granted as usize {
+            if drains
+                && out.needs_release
+                && client.ring.is_none()
+                && client.inflight.len() >= client.granted as usize
+            {
                 read_client(client, &mut ctx, &mut state.drain_buf, &mut events);
             }
             let candidate = Candidate {
@@ -767,8 +850,10 @@ impl Server {
         // The RELEASEs (and anything else) consumers sent since the last frame.
         let was_draining = state.drained_until.is_some();
         if drains {
+            // Consumers with a ring release there; the I/O thread reads the
+            // rest of what they send (it is rare).
             for client in state.clients.iter_mut() {
-                if client.phase == Phase::Active && client.dead.is_none() {
+                if client.phase == Phase::Active && client.dead.is_none() && client.ring.is_none() {
                     read_client(client, &mut ctx, &mut state.drain_buf, &mut events);
                 }
             }
@@ -942,11 +1027,18 @@ fn io_loop(shared: &Shared) {
                 }
                 _ => false,
             };
+            // Just after the rings switched to the socket, look at them often.
+            if let Some(since) = state.rings_on_socket_since {
+                if now.saturating_duration_since(since) < RING_SWITCH_WATCH {
+                    tick = tick.min(RING_SWITCH_TICK);
+                }
+            }
             let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
             let mut flags = vec![PollFlags::IN, listen];
             for c in &state.clients {
                 raw.push(c.channel.raw_fd());
-                let mut want = if streaming_reads && c.phase == Phase::Active {
+                // A consumer with a ring sends little on its socket: always read it.
+                let mut want = if streaming_reads && c.phase == Phase::Active && c.ring.is_none() {
                     PollFlags::empty()
                 } else {
                     PollFlags::IN
@@ -1013,6 +1105,23 @@ fn service(
     let mut events = Vec::new();
     forget_freed(shared, &mut state.clients, &mut state.read_only_fds);
 
+    // When the streaming thread no longer drains (no frame for a while, or a
+    // held bound), releases are this thread's: rings say "use the socket",
+    // and what was written to them before is taken here.
+    let now = Instant::now();
+    if state.drained_until.is_none_or(|until| until <= now) {
+        if !state.rings_on_socket {
+            state.rings_on_socket = true;
+            state.rings_on_socket_since = Some(now);
+            for ring in state.clients.iter_mut().filter_map(|c| c.ring.as_mut()) {
+                ring.switch(true);
+            }
+        }
+        for client in state.clients.iter_mut() {
+            client.take_ring_releases(&mut state.holders, now);
+        }
+    }
+
     // Clients that were polled, by fd (the list may have changed since).
     // Only this thread adds or removes clients, so they are still in poll-set
     // order (after the waker and the listener); the fd check is a safety net.
@@ -1020,6 +1129,7 @@ fn service(
         stream: &state.stream,
         limits: state.inflight,
         holders: &mut state.holders,
+        rings_on_socket: state.rings_on_socket,
     };
     for (i, client) in state.clients.iter_mut().enumerate() {
         let (Some(fd), Some(flags)) = (raw.get(i + 2), revents.get(i + 2)) else {
@@ -1238,6 +1348,9 @@ fn accept_newcomers(state: &mut State) {
                     asked: 0,
                     granted: 0,
                     inflight: HashMap::default(),
+                    ring: None,
+                    released_by_ring: 0,
+                    released_by_message: 0,
                     queued: VecDeque::new(),
                     frames_sent: 0,
                     frames_dropped: 0,
@@ -1297,14 +1410,36 @@ struct ReadContext<'a> {
     stream: &'a StreamState,
     limits: InflightLimits,
     holders: &'a mut HashMap<u64, u32>,
+    /// Where a new consumer's ring tells it to release (see `State`).
+    rings_on_socket: bool,
 }
 
 fn hello() -> Message {
     Message::Hello(Hello {
         version: protocol::VERSION,
         role: Role::Producer,
-        features: 0,
+        features: FEATURE_RELEASE_RING,
     })
+}
+
+/// Makes `client` a release ring and sends it (RELEASE_RING). Without
+/// one (no memfd, no mapping) it releases on the socket, as older consumers do.
+fn offer_ring(client: &mut Client, on_socket: bool) {
+    match ProducerRing::create(release_ring::DEFAULT_CAPACITY, on_socket) {
+        Ok((ring, fd)) => {
+            let msg = Message::ReleaseRing {
+                capacity: release_ring::DEFAULT_CAPACITY,
+            };
+            client.send_control(&msg, Some(fd.as_fd()));
+            client.ring = Some(ring);
+        }
+        Err(e) => gst::warning!(
+            crate::bufsharesink::imp::CAT,
+            "consumer {}: no release ring ({}); it releases on the socket",
+            client.id,
+            e
+        ),
+    }
 }
 
 /// Reads everything a client sent.
@@ -1382,6 +1517,9 @@ fn read_client(
                     client.kill(reason, true);
                 } else {
                     client.phase = Phase::Active;
+                    if h.features & FEATURE_RELEASE_RING != 0 {
+                        offer_ring(client, ctx.rings_on_socket);
+                    }
                     // What it may hold, before anything else (it asked for
                     // nothing yet: the default).
                     client.regrant(&ctx.limits, true);
@@ -1405,6 +1543,7 @@ fn read_client(
             }
             (Phase::Active, Message::Release { frame_ids }) => {
                 client.released_any = true;
+                client.released_by_message += frame_ids.len() as u64;
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(

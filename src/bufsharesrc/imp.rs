@@ -82,6 +82,7 @@ struct Settings {
     on_eos: OnEos,
     reconnect_interval_ms: u64,
     max_inflight: u32,
+    release_ring: bool,
 }
 
 impl Default for Settings {
@@ -93,6 +94,7 @@ impl Default for Settings {
             on_eos: OnEos::default(),
             reconnect_interval_ms: DEFAULT_RECONNECT_INTERVAL_MS,
             max_inflight: 0,
+            release_ring: true,
         }
     }
 }
@@ -213,6 +215,12 @@ impl ObjectImpl for BufShareSrc {
                     .default_value(0)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecBoolean::builder("release-ring")
+                    .nick("Release ring")
+                    .blurb("Release frames through a ring in memory shared with the producer when it offers one (protocol 5.11): no system call per release on either side. The producer switches back to RELEASE messages on the socket while it must see releases at once (a bound on held frames, frames stopped). false: always send RELEASE messages. Applies from the next connection.")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("frames-received, frames-pushed, frames-skipped (frames the producer skipped for this consumer, from the gaps in frame ids; the next buffer is marked DISCONT), frames-dropped-stale (waited in the socket while we did not read), frames-dropped-late (earlier than a frame already pushed, e.g. left from before PAUSED), frames-copied (downstream held more than max-inflight allows), frames-held (producer frames held now) and frames-held-peak, max-inflight (what the producer granted; 0 before it said), reconnects, connected")
@@ -249,6 +257,7 @@ impl ObjectImpl for BufShareSrc {
             "on-disconnect" => s.on_disconnect = value.get().expect("type checked upstream"),
             "on-eos" => s.on_eos = value.get().expect("type checked upstream"),
             "max-inflight" => s.max_inflight = value.get().expect("type checked upstream"),
+            "release-ring" => s.release_ring = value.get().expect("type checked upstream"),
             "reconnect-interval" => {
                 s.reconnect_interval_ms = value.get().expect("type checked upstream")
             }
@@ -264,6 +273,7 @@ impl ObjectImpl for BufShareSrc {
             "on-disconnect" => s.on_disconnect.to_value(),
             "on-eos" => s.on_eos.to_value(),
             "max-inflight" => s.max_inflight.to_value(),
+            "release-ring" => s.release_ring.to_value(),
             "stats" => {
                 drop(s);
                 self.stats().to_value()
@@ -377,6 +387,7 @@ impl BufShareSrc {
                 &path,
                 handshake_deadline,
                 settings.max_inflight,
+                settings.release_ring,
                 self.waker.clone(),
                 &flushing,
             ) {
@@ -669,6 +680,7 @@ impl BaseSrcImpl for BufShareSrc {
             &PathBuf::from(&socket),
             deadline,
             settings.max_inflight,
+            settings.release_ring,
             self.waker.clone(),
             &flushing,
         )

@@ -23,14 +23,16 @@ use rustc_hash::FxHashMap as HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bufshare_backends::share::is_sealed_against_shrink;
 use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
 
+use crate::protocol::release_ring::FEATURE_RELEASE_RING;
 use crate::protocol::{self, Frame, Hello, MemoryKind, MemoryRef, Message, Role};
+use crate::transport::ring::ConsumerRing;
 use crate::transport::unix::{wait_pair, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
 
@@ -93,6 +95,9 @@ struct Releaser {
     /// The producer closed its end: releases have nowhere to go. What it sent
     /// before it left is still read, in order, to the end.
     closed: AtomicBool,
+    /// The release ring, once the producer sent one (RELEASE_RING): releases
+    /// are written there rather than sent, while the producer allows it.
+    ring: OnceLock<ConsumerRing>,
 }
 
 #[derive(Default)]
@@ -225,6 +230,9 @@ impl Releaser {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        if self.ring.get().is_some_and(|ring| ring.push(frame_ids)) {
+            return Ok(false);
+        }
         let mut kept = false;
         for chunk in frame_ids.chunks(protocol::MAX_RELEASE_IDS) {
             let msg = protocol::encode(&Message::Release {
@@ -316,11 +324,19 @@ impl Connection {
         path: &Path,
         deadline: Instant,
         max_inflight: u32,
+        release_ring: bool,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Connection, ReceiveError> {
         loop {
-            match Self::try_connect(path, deadline, max_inflight, waker.clone(), flushing)? {
+            match Self::try_connect(
+                path,
+                deadline,
+                max_inflight,
+                release_ring,
+                waker.clone(),
+                flushing,
+            )? {
                 Attempt::Connected(conn) => return Ok(conn),
                 Attempt::NoProducer(e) => {
                     if flushing() {
@@ -341,11 +357,13 @@ impl Connection {
     /// One connection attempt: when a producer listens on `path`, connects
     /// and completes the handshake by `handshake_deadline`. The element's
     /// reconnect mode calls this at its own pace. `max_inflight` is how many
-    /// frames we ask to hold at once (0: the producer's default).
+    /// frames we ask to hold at once (0: the producer's default);
+    /// `release_ring` asks for a release ring (see `protocol::release_ring`).
     pub fn try_connect(
         path: &Path,
         handshake_deadline: Instant,
         max_inflight: u32,
+        release_ring: bool,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Attempt, ReceiveError> {
@@ -372,6 +390,7 @@ impl Connection {
             waker: waker.clone(),
             held: Arc::new(AtomicUsize::new(0)),
             closed: AtomicBool::new(false),
+            ring: OnceLock::new(),
         });
         let mut conn = Connection {
             channel,
@@ -384,7 +403,11 @@ impl Connection {
         let hello = protocol::encode(&Message::Hello(Hello {
             version: protocol::VERSION,
             role: Role::Consumer,
-            features: 0,
+            features: if release_ring {
+                FEATURE_RELEASE_RING
+            } else {
+                0
+            },
         }));
         let ask = protocol::encode(&Message::MaxInflight {
             frames: max_inflight,
@@ -517,6 +540,17 @@ impl Connection {
                 Message::Refuse { reason } => return Err(ReceiveError::Refused(reason)),
                 Message::Disconnect { reason } => return Err(ReceiveError::Disconnected(reason)),
                 Message::MaxInflight { frames } => self.max_inflight = Some(frames),
+                Message::ReleaseRing { capacity } => {
+                    let fd = fds.pop().expect("decode checked the fd count");
+                    let ring = ConsumerRing::map(fd.as_fd(), capacity).map_err(|e| {
+                        ReceiveError::Protocol(format!("RELEASE_RING unusable: {e}"))
+                    })?;
+                    if self.releaser.ring.set(ring).is_err() {
+                        return Err(ReceiveError::Protocol(
+                            "a second RELEASE_RING on the same connection".into(),
+                        ));
+                    }
+                }
                 other => {
                     return Err(ReceiveError::Protocol(format!(
                         "producer sent {} after the handshake",
