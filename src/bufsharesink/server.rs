@@ -61,10 +61,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fanout::{Candidate, FanOut, RecentFrames, Verdict};
+use super::stats::SendTimes;
 use crate::memtag::ForgetListener;
 use crate::protocol::{self, Hello, Message, Register, Role};
 use crate::transport::unix::{wait_for, Listener, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
+
+#[path = "monitor.rs"]
+mod monitor;
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,6 +177,8 @@ enum Phase {
         since: Instant,
     },
     Active,
+    /// A monitor (HELLO role 3): gets STATS only, is no consumer (see `monitor.rs`).
+    Monitor,
     /// Dropped; waits for its DISCONNECT (the only message queued) to fit
     /// in its socket, then is closed. Holds nothing, gets nothing else.
     Closing {
@@ -212,6 +218,8 @@ struct Client {
     /// before reading what the peer sent would reset the connection and the
     /// peer could lose the REFUSE.
     refused: Option<String>,
+    /// Its measurements for monitors, or its own state as a monitor.
+    monitor: monitor::ClientMonitor,
 }
 
 impl Client {
@@ -399,6 +407,8 @@ struct State {
     /// the buffer messages are read into.
     order: Vec<usize>,
     drain_buf: Vec<u8>,
+    /// What monitors are told (see `monitor.rs`).
+    monitoring: monitor::Monitoring,
 }
 
 /// `max-inflight` and `max-inflight-limit`: what a consumer may hold.
@@ -540,6 +550,7 @@ impl Server {
                 next_stall_check: Instant::now(),
                 order: Vec::new(),
                 drain_buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
+                monitoring: monitor::Monitoring::default(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -671,6 +682,9 @@ impl Server {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
         state.frames_rendered += 1;
+        if out.needs_release {
+            monitor::note_sent(state, out.frame_id);
+        }
         forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
         let frame_id = out.frame_id;
         let mut fan = FanOut::new(out.max_held, out.needs_release, state.holders.len());
@@ -683,6 +697,7 @@ impl Server {
             stream: &state.stream,
             limits: state.inflight,
             holders: &mut state.holders,
+            sent: &state.monitoring.sent,
         };
         for &i in &order {
             let client = &mut state.clients[i];
@@ -942,6 +957,7 @@ fn io_loop(shared: &Shared) {
                 }
                 _ => false,
             };
+            tick = tick.min(monitor::until_due(&state));
             let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
             let mut flags = vec![PollFlags::IN, listen];
             for c in &state.clients {
@@ -1020,6 +1036,7 @@ fn service(
         stream: &state.stream,
         limits: state.inflight,
         holders: &mut state.holders,
+        sent: &state.monitoring.sent,
     };
     for (i, client) in state.clients.iter_mut().enumerate() {
         let (Some(fd), Some(flags)) = (raw.get(i + 2), revents.get(i + 2)) else {
@@ -1051,6 +1068,7 @@ fn service(
             }
         }
     }
+    monitor::service(state);
     // Stalls are checked once per tick (an ioctl per consumer), not on every
     // wake-up: under a held bound the I/O thread wakes for each RELEASE.
     if let Some(timeout) = state.client_timeout {
@@ -1080,6 +1098,14 @@ fn service(
         let c = &mut state.clients[i];
         if let Some((reason, warn)) = c.dead.take() {
             match c.phase {
+                Phase::Monitor => {
+                    gst::debug!(
+                        crate::bufsharesink::imp::CAT,
+                        "monitor {}: {}",
+                        c.id,
+                        reason
+                    );
+                }
                 Phase::Closing { .. } => {
                     gst::debug!(
                         crate::bufsharesink::imp::CAT,
@@ -1248,6 +1274,7 @@ fn accept_newcomers(state: &mut State) {
                     released_any: false,
                     dead: None,
                     refused: None,
+                    monitor: Default::default(),
                 };
                 match state.listener.peer_policy().check(&client.channel) {
                     Ok(()) => client.send_control(&hello(), None),
@@ -1297,13 +1324,15 @@ struct ReadContext<'a> {
     stream: &'a StreamState,
     limits: InflightLimits,
     holders: &'a mut HashMap<u64, u32>,
+    /// When recent frames went out (release latencies for monitors).
+    sent: &'a SendTimes,
 }
 
 fn hello() -> Message {
     Message::Hello(Hello {
         version: protocol::VERSION,
         role: Role::Producer,
-        features: 0,
+        features: protocol::FEATURE_MONITOR,
     })
 }
 
@@ -1364,6 +1393,9 @@ fn read_client(
         };
         drop(fds);
         match (&client.phase, msg) {
+            (Phase::AwaitingHello { .. }, Message::Hello(h)) if h.role == Role::Monitor => {
+                monitor::accept(client, &h);
+            }
             (Phase::AwaitingHello { .. }, Message::Hello(h)) => {
                 if h.role != Role::Consumer {
                     client.kill("peer says it is a producer, not a consumer".into(), true);
@@ -1405,6 +1437,7 @@ fn read_client(
             }
             (Phase::Active, Message::Release { frame_ids }) => {
                 client.released_any = true;
+                let now = crate::clock::monotonic_now();
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(
@@ -1416,11 +1449,16 @@ fn read_client(
                         return;
                     }
                     unhold(ctx.holders, id);
+                    monitor::released(client, ctx.sent, id, now);
                 }
             }
             (Phase::Active, Message::MaxInflight { frames }) => {
                 client.asked = frames;
                 client.regrant(&ctx.limits, true);
+            }
+            (Phase::Monitor, msg) => {
+                client.kill(format!("protocol error: monitor sent {}", msg.name()), true);
+                return;
             }
             (phase, msg) => {
                 let when = if *phase == Phase::Active {

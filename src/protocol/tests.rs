@@ -710,10 +710,7 @@ fn golden_monitor_encodings() {
         round_trip(&hello(2, Role::Monitor, 0), 1),
         hex(HELLO_MONITOR)
     );
-    assert_eq!(
-        round_trip(&Message::Stats(small_stats()), 11),
-        hex(STATS)
-    );
+    assert_eq!(round_trip(&Message::Stats(small_stats()), 11), hex(STATS));
     assert_eq!(Message::Stats(small_stats()).fd_count(), 0);
     assert_eq!(Message::Stats(small_stats()).name(), "STATS");
 }
