@@ -159,24 +159,13 @@ pub fn rate_milli(frames: u64, interval_ns: u64) -> u32 {
 }
 
 /// What one interval measured for a consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ConsumerWindow {
     pub fps_milli: u32,
     pub releases: u32,
     /// ns, or None without releases.
     pub p50: Option<u64>,
     pub p99: Option<u64>,
-}
-
-impl Default for ConsumerWindow {
-    fn default() -> Self {
-        ConsumerWindow {
-            fps_milli: 0,
-            releases: 0,
-            p50: None,
-            p99: None,
-        }
-    }
 }
 
 /// A consumer's measurements: the interval being measured and the last one
