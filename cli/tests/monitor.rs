@@ -539,7 +539,7 @@ fn top_in_a_terminal() {
     let consumer_a = consumer(&a);
     let script = format!(
         "stty -g > {d}/stty.before; BUFSHARE_DIR={d} {bin} top; echo \"top exited $?\"; \
-         stty -g > {d}/stty.after1; {bin} top {d}; echo \"top again exited $?\"; \
+         stty -g > {d}/stty.after1; read line; {bin} top {d}; echo \"top again exited $?\"; \
          stty -g > {d}/stty.after2; sleep 600",
         d = dir.0.display(),
         bin = env!("CARGO_BIN_EXE_bufshare")
@@ -609,7 +609,9 @@ fn top_in_a_terminal() {
         !screen.contains("bufshare top:"),
         "the view stayed on screen:\n{screen}"
     );
-    // Ctrl-C quits too (top given the directory this time).
+    // The shell reads a line (the terminal is back in its normal mode), then runs top
+    // again, given the directory this time: Ctrl-C quits too.
+    tmux.cmd(&["send-keys", "-t", "top", "Enter"]);
     tmux.wait("top again", Duration::from_secs(15), |s| {
         s.contains(&b_line)
     });
