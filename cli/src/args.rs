@@ -45,9 +45,10 @@ dump: one snapshot as text, or with --json as one JSON object: socket, protocol_
   bound), num_clients, consumers [client_id, pid, uid, name, frames, fps, held,
   max_inflight, skipped, releases, release_p50_ns, release_p99_ns (null: no release)].
 
-Exit status: 1 on a runtime error (rtsp: missing element, port in use; ls/top/dump: a
-socket that is missing, stale, not a socket, refused, of an older protocol, or silent
-for 3 s; one line on stderr names the socket and the cause), 2 on a usage error.";
+Exit status: 1 on a runtime error (rtsp: missing element, port in use; dump and top
+SOCKET: a socket that is missing, stale, not a socket, refused, of an older protocol, or
+silent for 3 s; ls: a directory that cannot be read, while stale or refused sockets are
+rows of its table; one line on stderr names the path and the cause), 2 on a usage error.";
 
 /// Defaults for the `rtsp` subcommand.
 pub const DEFAULT_PORT: u16 = 8554;

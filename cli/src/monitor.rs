@@ -130,6 +130,29 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// Whether `path` names a socket file; the error line says what it is otherwise.
+pub fn check_socket_file(path: &Path) -> Result<(), MonitorError> {
+    let fail = |failure| MonitorError {
+        path: path.to_owned(),
+        failure,
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(fail(Failure::NotFound)),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(fail(Failure::PermissionDenied))
+        }
+        Err(e) => Err(fail(Failure::Io(e.to_string()))),
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                Ok(())
+            } else {
+                Err(fail(Failure::NotASocket(file_kind(&meta))))
+            }
+        }
+    }
+}
+
 impl Monitor {
     /// Connects to the producer at `path` and completes the monitor handshake: reads the
     /// producer's HELLO (or REFUSE) first, and says HELLO as a monitor only to a producer
@@ -139,19 +162,7 @@ impl Monitor {
             path: path.to_owned(),
             failure,
         };
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(fail(Failure::NotFound)),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Err(fail(Failure::PermissionDenied))
-            }
-            Err(e) => return Err(fail(Failure::Io(e.to_string()))),
-            Ok(meta) => {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    return Err(fail(Failure::NotASocket(file_kind(&meta))));
-                }
-            }
-        }
+        check_socket_file(path)?;
         let channel = UnixChannel::try_connect(path).map_err(|e| {
             fail(match e.raw_os_error() {
                 Some(libc::ECONNREFUSED) => Failure::Stale,

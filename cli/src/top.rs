@@ -5,7 +5,8 @@
 //! sockets, draws the board with plain ANSI (alternate screen, home cursor, clear), and reads
 //! the keyboard in raw mode: `q` or Ctrl-C quits and restores the terminal (SIGINT, SIGTERM
 //! and SIGHUP too). Producers that go away stay on the board as gone; a socket removed from a
-//! scanned directory leaves the board [`FORGET_AFTER`] later.
+//! scanned directory leaves the board [`FORGET_AFTER`] later. A SOCKET argument that is
+//! missing or not a socket ends `top` at start with one line and status 1.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -295,6 +296,11 @@ pub fn run(args: &TopArgs) -> Result<(), String> {
     };
     let (dirs, sockets): (Vec<PathBuf>, Vec<PathBuf>) =
         targets.into_iter().partition(|t| ls::is_dir(t));
+    // A SOCKET given that is missing or not a socket is an error at start; a stale or
+    // refusing one is shown on the board (its producer may start later).
+    for s in &sockets {
+        monitor::check_socket_file(s).map_err(|e| e.to_string())?;
+    }
     if !dirs.is_empty() {
         // A directory that cannot be read is an error at start (later, a rescan that fails
         // just finds nothing).

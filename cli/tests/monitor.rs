@@ -434,6 +434,23 @@ fn bad_inputs_get_one_line_and_status_1() {
     let stale = dir.path("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     dump_fails(&stale, "stale socket: connection refused", None);
+    // top stops at start on a path that is no socket.
+    for (path, cause) in [
+        (dir.path("missing.sock"), "no such socket"),
+        (dir.path("file"), "not a socket"),
+    ] {
+        let out = run(
+            bufshare(&["top", path.to_str().unwrap()]),
+            Duration::from_secs(5),
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("bufshare top: {}: {cause}", path.display())),
+            "{err}"
+        );
+    }
 
     // Older producers: a version-1 HELLO, and a version-2 HELLO without the monitor
     // feature (a producer built before monitors). The monitor sends them nothing.
