@@ -27,6 +27,8 @@ packages=(
   strace
   # cli/tests: ffprobe counts the frames an RTSP client decodes
   ffmpeg
+  # cli/tests: bufshare top runs in a terminal (skipped, saying so, without it)
+  tmux
   # scripts/profile-per-frame.sh: instructions (callgrind) and context switches (GNU time)
   valgrind
   time

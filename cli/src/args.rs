@@ -7,11 +7,14 @@ use std::fmt;
 pub const USAGE: &str = "\
 Usage: bufshare rtsp --socket SOCKET --path /PATH [--socket SOCKET2 --path /PATH2 ...]
                      [--port PORT] [--address ADDRESS] [--encoder \"ELEMENT [PROP=VALUE ...]\"]
+       bufshare ls [DIR...]
+       bufshare top [SOCKET|DIR...]
+       bufshare dump [--json] SOCKET
 
-Serves each bufshare producer socket as H.264 over RTSP at rtsp://ADDRESS:PORT/PATH.
+rtsp: serves each bufshare producer socket as H.264 over RTSP at rtsp://ADDRESS:PORT/PATH.
 One bufsharesrc and one encoder per path, shared by all clients of that path.
 
-Options:
+Options of rtsp:
   --socket SOCKET    bufsharesink socket to read frames from (repeatable)
   --path /PATH       mount point for the preceding --socket (one --path per --socket)
   --port PORT        TCP port of the RTSP server (default 8554)
@@ -21,8 +24,31 @@ Options:
                      x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30)
   -h, --help         show this help
 
-Runs until stopped (SIGINT/SIGTERM). Exit status: 1 on a runtime error (missing element,
-port in use), 2 on a usage error.";
+rtsp runs until stopped (SIGINT/SIGTERM).
+
+ls, top and dump connect to producers as monitors (they are not consumers: a producer's
+num-clients does not count them) and read its statistics. DIR defaults to $BUFSHARE_DIR,
+else /run/bufshare; the sockets in it are the producers.
+
+ls: one line per socket: SOCKET, STATE (live; stale: connection refused, no producer;
+  refused, version, denied, no-answer, error: the line ends with the cause), FPS (frames
+  per second over the last second), CONSUMERS, CAPS.
+top: a view redrawn every second: per producer its frame rate, frames held of its bound
+  (max-held or the upstream pool's; no bound: the count alone), copies (frames copied into
+  shareable memory), frames, backend and caps; under it each consumer: PID, NAME (its
+  process name), UID, FRAMES, FPS, HELD (of its max-inflight), SKIPPED (frames it missed:
+  latest wins), REL-P50 and REL-P99 (time from sending a frame to its release, over the
+  last second). Producers that go away are shown as gone, new sockets in DIR are picked
+  up. q or Ctrl-C quits.
+dump: one snapshot as text, or with --json as one JSON object: socket, protocol_version,
+  time_ns, interval_ns, eos, caps, backend, frames, fps, copies, held, max_held (0: no
+  bound), num_clients, consumers [client_id, pid, uid, name, frames, fps, held,
+  max_inflight, skipped, releases, release_p50_ns, release_p99_ns (null: no release)].
+
+Exit status: 1 on a runtime error (rtsp: missing element, port in use; dump and top
+SOCKET: a socket that is missing, stale, not a socket, refused, of an older protocol, or
+silent for 3 s; ls: a directory that cannot be read, while stale or refused sockets are
+rows of its table; one line on stderr names the path and the cause), 2 on a usage error.";
 
 /// Defaults for the `rtsp` subcommand.
 pub const DEFAULT_PORT: u16 = 8554;
@@ -33,6 +59,30 @@ pub const DEFAULT_ADDRESS: &str = "0.0.0.0";
 pub enum Command {
     Help,
     Rtsp(RtspArgs),
+    Ls(LsArgs),
+    Top(TopArgs),
+    Dump(DumpArgs),
+}
+
+/// `bufshare ls [DIR...]`
+#[derive(Debug, PartialEq, Eq)]
+pub struct LsArgs {
+    /// Empty: the default directory.
+    pub dirs: Vec<String>,
+}
+
+/// `bufshare top [SOCKET|DIR...]`
+#[derive(Debug, PartialEq, Eq)]
+pub struct TopArgs {
+    /// Empty: the default directory.
+    pub targets: Vec<String>,
+}
+
+/// `bufshare dump [--json] SOCKET`
+#[derive(Debug, PartialEq, Eq)]
+pub struct DumpArgs {
+    pub json: bool,
+    pub socket: String,
 }
 
 /// One producer socket served at one mount path.
@@ -73,7 +123,64 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         None => Err(usage_err("missing subcommand (try: bufshare rtsp --help)")),
         Some("-h" | "--help" | "help") => Ok(Command::Help),
         Some("rtsp") => parse_rtsp(args),
+        Some(cmd @ ("ls" | "top" | "dump")) => {
+            let args: Vec<String> = args.collect();
+            let before_dashes = args.iter().take_while(|a| *a != "--");
+            if before_dashes
+                .into_iter()
+                .any(|a| a == "-h" || a == "--help")
+            {
+                return Ok(Command::Help);
+            }
+            match cmd {
+                "ls" => positional(args, "ls").map(|dirs| Command::Ls(LsArgs { dirs })),
+                "top" => positional(args, "top").map(|targets| Command::Top(TopArgs { targets })),
+                _ => parse_dump(args),
+            }
+        }
         Some(other) => Err(usage_err(format!("unknown subcommand '{other}'"))),
+    }
+}
+
+/// Paths only (ls, top); `--` ends the options.
+fn positional(args: Vec<String>, cmd: &str) -> Result<Vec<String>, UsageError> {
+    let mut paths = Vec::new();
+    let mut options = true;
+    for arg in args {
+        match arg.as_str() {
+            "--" if options => options = false,
+            a if options && a.starts_with('-') => {
+                return Err(usage_err(format!("unknown option '{a}' for {cmd}")))
+            }
+            "" => return Err(usage_err(format!("empty path given to {cmd}"))),
+            _ => paths.push(arg),
+        }
+    }
+    Ok(paths)
+}
+
+fn parse_dump(args: Vec<String>) -> Result<Command, UsageError> {
+    let mut json = false;
+    let mut sockets = Vec::new();
+    let mut options = true;
+    for arg in args {
+        match arg.as_str() {
+            "--" if options => options = false,
+            "--json" if options => json = true,
+            a if options && a.starts_with('-') => {
+                return Err(usage_err(format!("unknown option '{a}' for dump")))
+            }
+            "" => return Err(usage_err("empty socket path given to dump")),
+            _ => sockets.push(arg),
+        }
+    }
+    match sockets.len() {
+        0 => Err(usage_err("dump needs a SOCKET")),
+        1 => Ok(Command::Dump(DumpArgs {
+            json,
+            socket: sockets.remove(0),
+        })),
+        n => Err(usage_err(format!("dump takes one SOCKET, {n} given"))),
     }
 }
 
@@ -224,6 +331,50 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn monitor_subcommands() {
+        assert_eq!(p(&["ls"]), Ok(Command::Ls(LsArgs { dirs: vec![] })));
+        assert_eq!(
+            p(&["ls", "/a", "/b"]),
+            Ok(Command::Ls(LsArgs {
+                dirs: vec!["/a".into(), "/b".into()]
+            }))
+        );
+        assert_eq!(
+            p(&["top", "/a.sock", "--", "-odd"]),
+            Ok(Command::Top(TopArgs {
+                targets: vec!["/a.sock".into(), "-odd".into()]
+            }))
+        );
+        assert_eq!(
+            p(&["dump", "--json", "/a.sock"]),
+            Ok(Command::Dump(DumpArgs {
+                json: true,
+                socket: "/a.sock".into()
+            }))
+        );
+        assert_eq!(
+            p(&["dump", "/a.sock"]),
+            Ok(Command::Dump(DumpArgs {
+                json: false,
+                socket: "/a.sock".into()
+            }))
+        );
+        for bad in [
+            &["dump"][..],
+            &["dump", "--json"],
+            &["dump", "/a", "/b"],
+            &["dump", "--yaml", "/a"],
+            &["ls", "--all"],
+            &["top", "-d", "1"],
+            &["ls", ""],
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(p(&["dump", "--help"]), Ok(Command::Help));
+        assert_eq!(p(&["top", "-h"]), Ok(Command::Help));
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! `bufshare`: command-line tool of the bufshare project. Subcommand `rtsp` serves bufshare
-//! producers over RTSP (see `rtsp.rs`); `args.rs` parses the command line.
+//! producers over RTSP (see `rtsp.rs`); `ls`, `top` and `dump` list, watch and dump producers
+//! through the monitor role of their socket (`ls.rs`, `top.rs`, `dump.rs`, over the client in
+//! `monitor.rs`); `args.rs` parses the command line.
 
 mod args;
+mod dump;
+mod ls;
+mod monitor;
 mod rtsp;
+mod top;
 
 use std::process::ExitCode;
 
@@ -26,5 +32,19 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        args::Command::Ls(a) => exit("ls", ls::run(&a)),
+        args::Command::Top(a) => exit("top", top::run(&a)),
+        args::Command::Dump(a) => exit("dump", dump::run(&a).map_err(|e| e.to_string())),
+    }
+}
+
+/// Exit status of ls/top/dump: 1 with one line on stderr on failure.
+fn exit(cmd: &str, r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("bufshare {cmd}: {msg}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -409,6 +409,14 @@ fn held_bound(
     bound
 }
 
+/// Tells the server (for monitors) which backend is in use: it changes when a
+/// V4L2 queue is set up or `auto` falls back to memfd (`make_pool`).
+fn publish_backend(state: &Started) {
+    if let (Some(server), Some(memory)) = (&state.server, &state.memory) {
+        server.set_backend(memory.backend.name());
+    }
+}
+
 /// The video info of raw video caps with a real format and a size; None for
 /// anything else (encoded video, images, audio, ...), which gets no pool.
 fn raw_video_info(caps: &gst::CapsRef) -> Option<gst_video::VideoInfo> {
@@ -495,6 +503,7 @@ impl BaseSinkImpl for BufShareSink {
             )
         })?;
         gst::info!(CAT, imp = self, "serving on {}", socket);
+        server.set_backend(memory.backend.name());
         *self.state.lock().unwrap() = Started {
             server: Some(Arc::new(server)),
             memory: Some(memory),
@@ -605,7 +614,9 @@ impl BaseSinkImpl for BufShareSink {
         if need_pool && started {
             let pool = {
                 let mut state = self.state.lock().unwrap();
-                self.make_pool(&mut state.memory, Some(&caps), info.size() as u32)
+                let pool = self.make_pool(&mut state.memory, Some(&caps), info.size() as u32);
+                publish_backend(&state);
+                pool
             }
             .map_err(|e| {
                 gst::element_imp_error!(
@@ -697,7 +708,13 @@ impl BufShareSink {
                 buffer.clone()
             } else {
                 state.frames_copied += 1;
-                self.copy_into_shareable(&mut state.copy_pool, &mut state.memory, buffer)?
+                let copy =
+                    self.copy_into_shareable(&mut state.copy_pool, &mut state.memory, buffer);
+                publish_backend(state);
+                if let Some(server) = &state.server {
+                    server.note_copy();
+                }
+                copy?
             };
             let server = state.server.as_ref().ok_or(gst::FlowError::Flushing)?;
             let mut memories = Vec::with_capacity(buffer.n_memory());

@@ -4,7 +4,9 @@
 //! `imp.rs` is the element (properties, GstBaseSink vfuncs, preparing each
 //! buffer); `server.rs` is the fan-out core and its I/O thread, which asks
 //! `fanout.rs` (the pure policy) who gets each frame; `backend.rs` turns the
-//! `backend`/`heap`/`device` properties into a memory backend.
+//! `backend`/`heap`/`device` properties into a memory backend. `monitor.rs`
+//! (a child of `server.rs`) serves monitors (`bufshare ls/top/dump`) with
+//! STATS, measured by the pure `stats.rs`.
 
 use gst::glib;
 use gst::prelude::*;
@@ -13,6 +15,7 @@ pub mod backend;
 pub mod fanout;
 mod imp;
 pub mod server;
+pub mod stats;
 
 glib::wrapper! {
     pub struct BufShareSink(ObjectSubclass<imp::BufShareSink>)

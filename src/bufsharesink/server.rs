@@ -69,6 +69,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fanout::{Candidate, FanOut, RecentFrames, Verdict};
+use super::stats::SendTimes;
 use crate::memtag::ForgetListener;
 use crate::protocol::release_ring::{self, FEATURE_RELEASE_RING};
 use crate::protocol::{self, Hello, Message, Register, Role};
@@ -81,6 +82,8 @@ use crate::transport::{Channel, Received};
 /// release just as the switch happened).
 const RING_SWITCH_TICK: Duration = Duration::from_millis(5);
 const RING_SWITCH_WATCH: Duration = Duration::from_millis(100);
+#[path = "monitor.rs"]
+mod monitor;
 
 /// A consumer must send its HELLO within this time after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,6 +195,8 @@ enum Phase {
         since: Instant,
     },
     Active,
+    /// A monitor (HELLO role 3): gets STATS only, is no consumer (see `monitor.rs`).
+    Monitor,
     /// Dropped; waits for its DISCONNECT (the only message queued) to fit
     /// in its socket, then is closed. Holds nothing, gets nothing else.
     Closing {
@@ -236,6 +241,8 @@ struct Client {
     /// before reading what the peer sent would reset the connection and the
     /// peer could lose the REFUSE.
     refused: Option<String>,
+    /// Its measurements for monitors, or its own state as a monitor.
+    monitor: monitor::ClientMonitor,
 }
 
 impl Client {
@@ -330,7 +337,14 @@ impl Client {
     }
 
     /// Takes the releases it wrote to its ring since the last look.
-    fn take_ring_releases(&mut self, holders: &mut HashMap<u64, u32>, now: Instant) {
+    /// Release latencies (for monitors) are measured to this moment: the
+    /// producer sees a ring's releases when it reads it.
+    fn take_ring_releases(
+        &mut self,
+        holders: &mut HashMap<u64, u32>,
+        sent: &SendTimes,
+        now: Instant,
+    ) {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
@@ -338,6 +352,8 @@ impl Client {
             return;
         }
         let inflight = &mut self.inflight;
+        let meter = &mut self.monitor.meter;
+        let mut now_ns = None;
         let taken = ring.drain(|id| {
             if inflight.remove(&id).is_none() {
                 return Err(format!(
@@ -345,6 +361,10 @@ impl Client {
                 ));
             }
             unhold(holders, id);
+            if let Some(t) = sent.sent_at(id) {
+                let now_ns = *now_ns.get_or_insert_with(crate::clock::monotonic_now);
+                meter.released(now_ns.saturating_sub(t));
+            }
             Ok(())
         });
         match taken {
@@ -458,6 +478,8 @@ struct State {
     /// the buffer messages are read into.
     order: Vec<usize>,
     drain_buf: Vec<u8>,
+    /// What monitors are told (see `monitor.rs`).
+    monitoring: monitor::Monitoring,
 }
 
 /// `max-inflight` and `max-inflight-limit`: what a consumer may hold.
@@ -601,6 +623,7 @@ impl Server {
                 rings_on_socket_since: None,
                 order: Vec::new(),
                 drain_buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
+                monitoring: monitor::Monitoring::default(),
             }),
             registry: Mutex::new(Registry::default()),
             waker: Waker::new()?,
@@ -732,6 +755,9 @@ impl Server {
         let mut guard = lock(&self.shared.state);
         let state = &mut *guard;
         state.frames_rendered += 1;
+        if out.needs_release {
+            monitor::note_sent(state, out.frame_id);
+        }
         forget_freed(&self.shared, &mut state.clients, &mut state.read_only_fds);
         let frame_id = out.frame_id;
         let mut fan = FanOut::new(out.max_held, out.needs_release, state.holders.len());
@@ -755,13 +781,14 @@ impl Server {
                     ring.switch(!drains);
                 }
             }
-            client.take_ring_releases(&mut state.holders, now);
+            client.take_ring_releases(&mut state.holders, &state.monitoring.sent, now);
         }
         let mut ctx = ReadContext {
             stream: &state.stream,
             limits: state.inflight,
             holders: &mut state.holders,
             rings_on_socket: state.rings_on_socket,
+            sent: &state.monitoring.sent,
         };
         for &i in &order {
             let client = &mut state.clients[i];
@@ -1033,6 +1060,7 @@ fn io_loop(shared: &Shared) {
                     tick = tick.min(RING_SWITCH_TICK);
                 }
             }
+            tick = tick.min(monitor::until_due(&state));
             let mut raw = vec![shared.waker.as_fd_raw(), state.listener.as_fd_raw()];
             let mut flags = vec![PollFlags::IN, listen];
             for c in &state.clients {
@@ -1118,7 +1146,7 @@ fn service(
             }
         }
         for client in state.clients.iter_mut() {
-            client.take_ring_releases(&mut state.holders, now);
+            client.take_ring_releases(&mut state.holders, &state.monitoring.sent, now);
         }
     }
 
@@ -1130,6 +1158,7 @@ fn service(
         limits: state.inflight,
         holders: &mut state.holders,
         rings_on_socket: state.rings_on_socket,
+        sent: &state.monitoring.sent,
     };
     for (i, client) in state.clients.iter_mut().enumerate() {
         let (Some(fd), Some(flags)) = (raw.get(i + 2), revents.get(i + 2)) else {
@@ -1161,6 +1190,7 @@ fn service(
             }
         }
     }
+    monitor::service(state);
     // Stalls are checked once per tick (an ioctl per consumer), not on every
     // wake-up: under a held bound the I/O thread wakes for each RELEASE.
     if let Some(timeout) = state.client_timeout {
@@ -1190,6 +1220,14 @@ fn service(
         let c = &mut state.clients[i];
         if let Some((reason, warn)) = c.dead.take() {
             match c.phase {
+                Phase::Monitor => {
+                    gst::debug!(
+                        crate::bufsharesink::imp::CAT,
+                        "monitor {}: {}",
+                        c.id,
+                        reason
+                    );
+                }
                 Phase::Closing { .. } => {
                     gst::debug!(
                         crate::bufsharesink::imp::CAT,
@@ -1361,6 +1399,7 @@ fn accept_newcomers(state: &mut State) {
                     released_any: false,
                     dead: None,
                     refused: None,
+                    monitor: Default::default(),
                 };
                 match state.listener.peer_policy().check(&client.channel) {
                     Ok(()) => client.send_control(&hello(), None),
@@ -1412,13 +1451,15 @@ struct ReadContext<'a> {
     holders: &'a mut HashMap<u64, u32>,
     /// Where a new consumer's ring tells it to release (see `State`).
     rings_on_socket: bool,
+    /// When recent frames went out (release latencies for monitors).
+    sent: &'a SendTimes,
 }
 
 fn hello() -> Message {
     Message::Hello(Hello {
         version: protocol::VERSION,
         role: Role::Producer,
-        features: FEATURE_RELEASE_RING,
+        features: FEATURE_RELEASE_RING | protocol::FEATURE_MONITOR,
     })
 }
 
@@ -1499,6 +1540,9 @@ fn read_client(
         };
         drop(fds);
         match (&client.phase, msg) {
+            (Phase::AwaitingHello { .. }, Message::Hello(h)) if h.role == Role::Monitor => {
+                monitor::accept(client, &h);
+            }
             (Phase::AwaitingHello { .. }, Message::Hello(h)) => {
                 if h.role != Role::Consumer {
                     client.kill("peer says it is a producer, not a consumer".into(), true);
@@ -1544,6 +1588,7 @@ fn read_client(
             (Phase::Active, Message::Release { frame_ids }) => {
                 client.released_any = true;
                 client.released_by_message += frame_ids.len() as u64;
+                let now = crate::clock::monotonic_now();
                 for id in frame_ids {
                     if client.inflight.remove(&id).is_none() {
                         client.kill(
@@ -1555,11 +1600,16 @@ fn read_client(
                         return;
                     }
                     unhold(ctx.holders, id);
+                    monitor::released(client, ctx.sent, id, now);
                 }
             }
             (Phase::Active, Message::MaxInflight { frames }) => {
                 client.asked = frames;
                 client.regrant(&ctx.limits, true);
+            }
+            (Phase::Monitor, msg) => {
+                client.kill(format!("protocol error: monitor sent {}", msg.name()), true);
+                return;
             }
             (phase, msg) => {
                 let when = if *phase == Phase::Active {

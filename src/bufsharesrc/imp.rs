@@ -217,7 +217,7 @@ impl ObjectImpl for BufShareSrc {
                     .build(),
                 glib::ParamSpecBoolean::builder("release-ring")
                     .nick("Release ring")
-                    .blurb("Release frames through a ring in memory shared with the producer when it offers one (protocol 5.11): no system call per release on either side. The producer switches back to RELEASE messages on the socket while it must see releases at once (a bound on held frames, frames stopped). false: always send RELEASE messages. Applies from the next connection.")
+                    .blurb("Release frames through a ring in memory shared with the producer when it offers one (docs/protocol.md 5.12): no system call per release on either side. The producer switches back to RELEASE messages on the socket while it must see releases at once (a bound on held frames, frames stopped). false: always send RELEASE messages. Applies from the next connection.")
                     .default_value(true)
                     .mutable_playing()
                     .build(),

@@ -14,6 +14,7 @@ const KIND_EOS: u16 = 8;
 const KIND_DISCONNECT: u16 = 9;
 const KIND_MAX_INFLIGHT: u16 = 10;
 const KIND_RELEASE_RING: u16 = 12;
+const KIND_STATS: u16 = 11;
 
 const MEM_REGISTERED: u32 = 1;
 const MEM_INLINE: u32 = 2;
@@ -174,6 +175,10 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             w.u32(*capacity);
             KIND_RELEASE_RING
         }
+        Message::Stats(s) => {
+            encode_stats(&mut w, s);
+            KIND_STATS
+        }
     };
     *out = w.0;
     write_header(out, kind, msg.fd_count());
@@ -196,6 +201,84 @@ fn write_header(out: &mut [u8], kind: u16, fds: usize) {
     out[0..2].copy_from_slice(&kind.to_le_bytes());
     out[2..4].copy_from_slice(&(fds as u16).to_le_bytes());
     out[4..8].copy_from_slice(&body_len.to_le_bytes());
+}
+
+fn encode_stats(w: &mut Writer, s: &Stats) {
+    w.u64(s.time);
+    w.u64(s.interval);
+    w.u32(s.flags);
+    w.u64(s.frames);
+    w.u32(s.fps_milli);
+    w.u64(s.copies);
+    w.u32(s.held);
+    w.u32(s.max_held);
+    w.u32(s.num_consumers);
+    w.string(&s.caps);
+    w.string(&s.backend);
+    w.u32(s.consumers.len() as u32);
+    for c in &s.consumers {
+        w.u64(c.client_id);
+        w.u32(c.pid);
+        w.u32(c.uid);
+        w.u64(c.frames);
+        w.u32(c.fps_milli);
+        w.u32(c.held);
+        w.u32(c.granted);
+        w.u64(c.skipped);
+        w.u32(c.releases);
+        w.u64(c.release_p50);
+        w.u64(c.release_p99);
+        w.string(&c.name);
+    }
+}
+
+fn decode_stats(r: &mut Reader) -> Result<Stats, DecodeError> {
+    let time = r.u64("time")?;
+    let interval = r.u64("interval")?;
+    let flags = r.u32("flags")?;
+    let frames = r.u64("frames")?;
+    let fps_milli = r.u32("fps")?;
+    let copies = r.u64("copies")?;
+    let held = r.u32("held")?;
+    let max_held = r.u32("max_held")?;
+    let num_consumers = r.u32("consumer count")?;
+    let caps = r.bounded_string("caps", "bytes of caps", MAX_STATS_CAPS_LEN)?;
+    let backend = r.bounded_string("backend", "bytes of backend", MAX_STATS_NAME_LEN)?;
+    let n = r.u32("record count")? as usize;
+    if n > MAX_STATS_CONSUMERS {
+        return Err(r.too_many("consumer records", n, MAX_STATS_CONSUMERS));
+    }
+    let mut consumers = Vec::with_capacity(n);
+    for _ in 0..n {
+        consumers.push(ConsumerStats {
+            client_id: r.u64("client_id")?,
+            pid: r.u32("pid")?,
+            uid: r.u32("uid")?,
+            frames: r.u64("consumer frames")?,
+            fps_milli: r.u32("consumer fps")?,
+            held: r.u32("consumer held")?,
+            granted: r.u32("granted")?,
+            skipped: r.u64("skipped")?,
+            releases: r.u32("releases")?,
+            release_p50: r.u64("release_p50")?,
+            release_p99: r.u64("release_p99")?,
+            name: r.bounded_string("name", "bytes of name", MAX_STATS_NAME_LEN)?,
+        });
+    }
+    Ok(Stats {
+        time,
+        interval,
+        flags,
+        frames,
+        fps_milli,
+        copies,
+        held,
+        max_held,
+        num_consumers,
+        caps,
+        backend,
+        consumers,
+    })
 }
 
 fn encode_frame(w: &mut Writer, fr: &Frame) {
@@ -372,6 +455,7 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             let role = match r.u8("role")? {
                 1 => Role::Producer,
                 2 => Role::Consumer,
+                3 => Role::Monitor,
                 v => return Err(r.bad("role", v as u64)),
             };
             r.u8("reserved")?;
@@ -445,6 +529,11 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
                 return Err(r.bad("capacity", capacity as u64));
             }
             (r, Message::ReleaseRing { capacity })
+        }
+        KIND_STATS => {
+            let mut r = Reader::new(body, "STATS");
+            let stats = decode_stats(&mut r)?;
+            (r, Message::Stats(stats))
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };
@@ -714,6 +803,24 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let len = self.u32(field)? as usize;
+        let bytes = self.take(len, field)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::BadUtf8 {
+            kind: self.kind,
+            field,
+        })
+    }
+    /// A string of at most `max` bytes; a longer length is refused before
+    /// anything is read.
+    fn bounded_string(
+        &mut self,
+        field: &'static str,
+        bytes_of: &'static str,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        let len = u32::from_le_bytes(self.array(field)?) as usize;
+        if len > max {
+            return Err(self.too_many(bytes_of, len, max));
+        }
         let bytes = self.take(len, field)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::BadUtf8 {
             kind: self.kind,

@@ -50,12 +50,23 @@ pub const MAX_AUDIO_CHANNELS: usize = 64;
 pub const MAX_ROI_PARAMS: usize = 32;
 /// Value of a timestamp, duration or offset field that means "none".
 pub const NONE: u64 = u64::MAX;
+/// HELLO feature bit set by a producer that serves monitors (role 3, STATS).
+/// Bit 0x1 belongs to the release ring.
+pub const FEATURE_MONITOR: u32 = 0x2;
+/// Most per-consumer records in one STATS message.
+pub const MAX_STATS_CONSUMERS: usize = 256;
+/// Most bytes of the caps string in STATS (a producer cuts longer caps).
+pub const MAX_STATS_CAPS_LEN: usize = 4096;
+/// Most bytes of the backend name and of a consumer's process name in STATS.
+pub const MAX_STATS_NAME_LEN: usize = 64;
 
 /// Which side of the connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Producer = 1,
     Consumer = 2,
+    /// Watches a producer: gets HELLO and then STATS, never fds or frames.
+    Monitor = 3,
 }
 
 /// What kind of memory a registered fd refers to; the consumer picks its
@@ -73,7 +84,7 @@ pub enum MemoryKind {
 pub struct Hello {
     pub version: u16,
     pub role: Role,
-    /// Feature bits; none are defined in version 1, receivers ignore unknown bits.
+    /// Feature bits ([`FEATURE_MONITOR`]); receivers ignore unknown bits.
     pub features: u32,
 }
 
@@ -279,6 +290,69 @@ impl Frame {
     }
 }
 
+/// One consumer in a STATS snapshot. Rates and release latencies cover the
+/// snapshot's interval; counters are totals since the consumer connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumerStats {
+    /// The producer's id of this connection.
+    pub client_id: u64,
+    /// SO_PEERCRED pid as the producer sees it; 0: unknown.
+    pub pid: u32,
+    /// SO_PEERCRED uid; u32::MAX: unknown.
+    pub uid: u32,
+    /// Frames sent to it.
+    pub frames: u64,
+    /// Frames per second sent to it over the interval, times 1000.
+    pub fps_milli: u32,
+    /// Frames it holds now (sent, not released).
+    pub held: u32,
+    /// Frames it may hold at once (its MAX_INFLIGHT grant).
+    pub granted: u32,
+    /// Frames skipped for it (latest wins: it was full, its socket was, or the held bound).
+    pub skipped: u64,
+    /// Releases that measured the latencies below.
+    pub releases: u32,
+    /// Median time from sending a frame to its RELEASE, ns; NONE without releases.
+    pub release_p50: u64,
+    /// 99th percentile of the same, ns; NONE without releases.
+    pub release_p99: u64,
+    /// Its process name (/proc/PID/comm on the producer's side); empty if unknown.
+    pub name: String,
+}
+
+/// A producer's snapshot for monitors (STATS).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// CLOCK_MONOTONIC ns when the snapshot was taken.
+    pub time: u64,
+    /// Length in ns of the interval that the rates and latencies cover; 0:
+    /// none measured yet (rates 0, latencies NONE).
+    pub interval: u64,
+    /// [`STATS_EOS`] and reserved bits.
+    pub flags: u32,
+    /// Frames rendered by the producer.
+    pub frames: u64,
+    /// Frames per second rendered over the interval, times 1000.
+    pub fps_milli: u32,
+    /// Frames that had to be copied into shareable memory.
+    pub copies: u64,
+    /// Distinct frames held by consumers now.
+    pub held: u32,
+    /// The bound on frames held by all consumers (`max-held` or the pool's); 0: none.
+    pub max_held: u32,
+    /// Consumers past the handshake (monitors not counted); may exceed `consumers.len()`.
+    pub num_consumers: u32,
+    /// Current caps, at most MAX_STATS_CAPS_LEN bytes; empty before the first.
+    pub caps: String,
+    /// Memory backend in use (memfd, dma-heap, drm, v4l2).
+    pub backend: String,
+    /// At most MAX_STATS_CONSUMERS records.
+    pub consumers: Vec<ConsumerStats>,
+}
+
+/// STATS flag: the producer's stream is at EOS.
+pub const STATS_EOS: u32 = 0x1;
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -319,6 +393,8 @@ pub enum Message {
     ReleaseRing {
         capacity: u32,
     },
+    /// Producer -> monitor: a snapshot of the producer and its consumers.
+    Stats(Stats),
 }
 
 impl Message {
@@ -344,6 +420,7 @@ impl Message {
             Message::Disconnect { .. } => "DISCONNECT",
             Message::MaxInflight { .. } => "MAX_INFLIGHT",
             Message::ReleaseRing { .. } => "RELEASE_RING",
+            Message::Stats(_) => "STATS",
         }
     }
 }

@@ -21,7 +21,7 @@
 //! The producer never trusts what the consumer wrote: it keeps its own read
 //! cursor, takes at most `capacity` ids per look ([`pending`]), masks every
 //! slot index ([`slot_offset`]) and checks each id against the frames that
-//! consumer holds. `docs/protocol.md` (5.11, 9.6) is the specification.
+//! consumer holds. `docs/protocol.md` (5.12, 9.6) is the specification.
 
 /// HELLO feature bit: the consumer can release through a ring; from the
 /// producer, it offers rings.

@@ -369,7 +369,7 @@ fn header_errors() {
     fails(&hex("0500 0000 09000000 0000000000000000"), 0, mismatch(9, 8));
     fails(&hex("0500 0000 07000000 0000000000000000"), 0, mismatch(7, 8));
     fails(&hex("0500 0000 ffffffff 0000000000000000"), 0, mismatch(u32::MAX as usize, 8));
-    for kind in [0, 11, 0xffff] {
+    for kind in [0, 13, 0xffff] {
         fails(&dgram(kind, 0, &[1]), 0, UnknownKind(kind));
     }
     fails(&vec![0; MAX_MESSAGE_LEN + 1], 0, TooLong(MAX_MESSAGE_LEN + 1));
@@ -405,7 +405,7 @@ fn hello_errors() {
     let mut magic = enc.clone();
     magic[8] = b'b';
     fails(&magic, 0, BadMagic);
-    for role in [0u8, 3, 255] {
+    for role in [0u8, 4, 255] {
         let mut e = enc.clone();
         e[18] = role;
         fails(&e, 0, bad("HELLO", "role", role as u64));
@@ -558,7 +558,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
 
 #[rustfmt::skip]
 fn arb_message() -> impl Strategy<Value = Message> {
-    let role = prop_oneof![Just(Role::Producer), Just(Role::Consumer)];
+    let role = prop_oneof![Just(Role::Producer), Just(Role::Consumer), Just(Role::Monitor)];
     let mem_kind = prop_oneof![Just(MemoryKind::Memfd), Just(MemoryKind::DmaBuf)];
     prop_oneof![
         1 => (any::<u16>(), role, any::<u32>()).prop_map(|(v, r, f)| hello(v, r, f)),
@@ -572,7 +572,27 @@ fn arb_message() -> impl Strategy<Value = Message> {
         1 => "\\PC{0,64}".prop_map(|reason| Message::Disconnect { reason }),
         1 => any::<u32>().prop_map(|frames| Message::MaxInflight { frames }),
         1 => (4..=16u32).prop_map(|bits| Message::ReleaseRing { capacity: 1 << bits }),
+        2 => arb_stats().prop_map(Message::Stats),
     ]
+}
+
+#[rustfmt::skip]
+fn arb_stats() -> impl Strategy<Value = Stats> {
+    let record = (
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>()),
+        (any::<u32>(), any::<u64>(), any::<u32>(), arb_ts(), arb_ts(), "\\PC{0,16}"),
+    )
+        .prop_map(|((client_id, pid, uid, frames, fps_milli, held), (granted, skipped, releases, release_p50, release_p99, name))| {
+            ConsumerStats { client_id, pid, uid, frames, fps_milli, held, granted, skipped, releases, release_p50, release_p99, name }
+        });
+    (
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>()),
+        (any::<u32>(), any::<u32>(), any::<u32>(), "\\PC{0,128}", "\\PC{0,16}"),
+        prop::collection::vec(record, 0..=8),
+    )
+        .prop_map(|((time, interval, flags, frames, fps_milli, copies), (held, max_held, num_consumers, caps, backend), consumers)| {
+            Stats { time, interval, flags, frames, fps_milli, copies, held, max_held, num_consumers, caps, backend, consumers }
+        })
 }
 
 #[derive(Debug, Clone)]
@@ -604,6 +624,11 @@ proptest! {
         if let Err(e) = decode(&data, n) {
             let _ = e.to_string();
         }
+    }
+
+    #[test]
+    fn prop_random_stats_body_never_panics(body in bytes(2048)) {
+        let _ = decode(&dgram(11, 0, &body), 0);
     }
 
     #[test]
@@ -645,10 +670,139 @@ proptest! {
 
 #[test]
 fn hello_of_a_version_2_producer_matches_the_worked_example() {
-    let features = release_ring::FEATURE_RELEASE_RING;
+    let features = release_ring::FEATURE_RELEASE_RING | FEATURE_MONITOR;
     let enc = encode(&hello(VERSION, Role::Producer, features));
     assert_eq!(
         enc,
-        hex("0100 0000 10000000 | 4255465348415245 0200 01 00 01000000")
+        hex("0100 0000 10000000 | 4255465348415245 0200 01 00 03000000")
     );
+}
+
+// The monitor role and STATS (kind 11).
+
+const HELLO_MONITOR: &str = "0100 0000 10000000 | 4255465348415245 0200 03 00 00000000";
+const STATS: &str = "0b00 0000 8f000000 | 1000000000000000 00ca9a3b00000000 01000000
+    2c01000000000000 30750000 0200000000000000 03000000 08000000 01000000
+    | 03000000 612f62 | 05000000 6d656d6664 | 01000000
+    | 0700000000000000 75130000 e8030000 2b01000000000000 30750000 02000000 08000000
+      0100000000000000 1e000000 60e3160000000000 00093d0000000000 03000000 677374";
+
+fn small_stats() -> Stats {
+    Stats {
+        time: 0x10,
+        interval: 1_000_000_000,
+        flags: STATS_EOS,
+        frames: 300,
+        fps_milli: 30_000,
+        copies: 2,
+        held: 3,
+        max_held: 8,
+        num_consumers: 1,
+        caps: "a/b".into(),
+        backend: "memfd".into(),
+        consumers: vec![ConsumerStats {
+            client_id: 7,
+            pid: 4981,
+            uid: 1000,
+            frames: 299,
+            fps_milli: 30_000,
+            held: 2,
+            granted: 8,
+            skipped: 1,
+            releases: 30,
+            release_p50: 1_500_000,
+            release_p99: 4_000_000,
+            name: "gst".into(),
+        }],
+    }
+}
+
+#[test]
+fn golden_monitor_encodings() {
+    assert_eq!(
+        round_trip(&hello(2, Role::Monitor, 0), 1),
+        hex(HELLO_MONITOR)
+    );
+    assert_eq!(round_trip(&Message::Stats(small_stats()), 11), hex(STATS));
+    assert_eq!(Message::Stats(small_stats()).fd_count(), 0);
+    assert_eq!(Message::Stats(small_stats()).name(), "STATS");
+}
+
+#[test]
+fn stats_round_trips_at_the_limits() {
+    round_trip(&Message::Stats(Stats::default()), 11);
+    let record = ConsumerStats {
+        client_id: u64::MAX,
+        pid: u32::MAX,
+        uid: u32::MAX,
+        frames: u64::MAX,
+        fps_milli: u32::MAX,
+        held: u32::MAX,
+        granted: u32::MAX,
+        skipped: u64::MAX,
+        releases: u32::MAX,
+        release_p50: NONE,
+        release_p99: NONE,
+        name: "n".repeat(MAX_STATS_NAME_LEN),
+    };
+    let full = Stats {
+        time: u64::MAX,
+        interval: u64::MAX,
+        flags: u32::MAX,
+        frames: u64::MAX,
+        fps_milli: u32::MAX,
+        copies: u64::MAX,
+        held: u32::MAX,
+        max_held: u32::MAX,
+        num_consumers: u32::MAX,
+        caps: "c".repeat(MAX_STATS_CAPS_LEN),
+        backend: "b".repeat(MAX_STATS_NAME_LEN),
+        consumers: vec![record; MAX_STATS_CONSUMERS],
+    };
+    // The largest STATS fits in one datagram.
+    let enc = round_trip(&Message::Stats(full), 11);
+    assert!(enc.len() <= MAX_MESSAGE_LEN, "{} bytes", enc.len());
+}
+
+#[test]
+#[rustfmt::skip]
+fn stats_errors() {
+    let enc = hex(STATS);
+    let cuts = [
+        (0, "time"), (15, "interval"), (19, "flags"), (20, "frames"), (28, "fps"), (39, "copies"),
+        (40, "held"), (44, "max_held"), (51, "consumer count"), (52, "caps"), (57, "caps"),
+        (62, "backend"), (67, "backend"), (68, "record count"), (72, "client_id"), (80, "pid"),
+        (87, "uid"), (88, "consumer frames"), (96, "consumer fps"), (100, "consumer held"),
+        (104, "granted"), (108, "skipped"), (116, "releases"), (120, "release_p50"),
+        (128, "release_p99"), (136, "name"), (142, "name"),
+    ];
+    for (n, field) in cuts {
+        assert_eq!(decode(&cut_body(&enc, n), 0), Err(trunc("STATS", field)), "cut at {n}");
+    }
+    fails(&dgram(11, 0, &[&enc[HEADER_LEN..], &[0]].concat()), 0, trailing("STATS", 1));
+    fails(&[&hex("0b00 0100")[..], &enc[4..]].concat(), 1, fds(1, 1, 0));
+    // Counts and lengths are checked before anything is read or allocated.
+    let mut many = enc[HEADER_LEN..].to_vec();
+    many[68..72].copy_from_slice(&u32::MAX.to_le_bytes());
+    let too_many_records = too_many("STATS", "consumer records", u32::MAX as usize, MAX_STATS_CONSUMERS);
+    fails(&dgram(11, 0, &many), 0, too_many_records);
+    let mut s = small_stats();
+    s.consumers = vec![s.consumers[0].clone(); MAX_STATS_CONSUMERS + 1];
+    let n = MAX_STATS_CONSUMERS + 1;
+    fails(&encode(&Message::Stats(s)), 0, too_many("STATS", "consumer records", n, MAX_STATS_CONSUMERS));
+    let mut s = small_stats();
+    s.caps = "c".repeat(MAX_STATS_CAPS_LEN + 1);
+    let n = MAX_STATS_CAPS_LEN + 1;
+    fails(&encode(&Message::Stats(s)), 0, too_many("STATS", "bytes of caps", n, MAX_STATS_CAPS_LEN));
+    let mut s = small_stats();
+    s.backend = "b".repeat(MAX_STATS_NAME_LEN + 1);
+    let n = MAX_STATS_NAME_LEN + 1;
+    fails(&encode(&Message::Stats(s)), 0, too_many("STATS", "bytes of backend", n, MAX_STATS_NAME_LEN));
+    let mut s = small_stats();
+    s.consumers[0].name = "n".repeat(MAX_STATS_NAME_LEN + 1);
+    let n = MAX_STATS_NAME_LEN + 1;
+    fails(&encode(&Message::Stats(s)), 0, too_many("STATS", "bytes of name", n, MAX_STATS_NAME_LEN));
+    let mut bad = enc[HEADER_LEN..].to_vec();
+    bad[140] = 0xff; // the name's first byte
+    fails(&dgram(11, 0, &bad), 0, utf8("STATS", "name"));
 }

@@ -246,6 +246,23 @@ impl UnixChannel {
             .map(|c| c.pid.as_raw_nonzero().get())
     }
 
+    /// User id of the peer (SO_PEERCRED), for monitors.
+    pub fn peer_uid(&self) -> Option<u32> {
+        rustix::net::sockopt::socket_peercred(&self.fd)
+            .ok()
+            .map(|c| c.uid.as_raw())
+    }
+
+    /// Connects to `path` without ever blocking: a producer whose backlog is
+    /// full answers `WouldBlock` instead of keeping the caller waiting.
+    pub fn try_connect(path: &Path) -> io::Result<UnixChannel> {
+        let addr = unix_addr(path)?;
+        let fd = seqpacket_socket()?;
+        rustix::net::connect(&fd, &addr)?;
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, SEND_BUFFER);
+        Ok(UnixChannel { fd })
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
