@@ -27,6 +27,8 @@ packages=(
   strace
   # cli/tests: ffprobe counts the frames an RTSP client decodes
   ffmpeg
+  # bufshare-bench: the font of its PNG charts (DejaVuSans.ttf, read at run time; nothing to build against)
+  fonts-dejavu-core
   # scripts/profile-per-frame.sh: instructions (callgrind) and context switches (GNU time)
   valgrind
   time
