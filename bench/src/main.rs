@@ -301,7 +301,7 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
     if let Some(file) = &opts.plot_from {
         let saved = Saved::read(file)?;
         print!("{}", saved.report(None)?);
-        return Ok(write_outputs(&saved, &opts.plots, false));
+        return Ok(write_outputs(&saved, &opts.plots, Some(file)));
     }
     let started = Instant::now();
     let started_unix_s = SystemTime::now()
@@ -417,19 +417,20 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
     }
     let logs = tmp.keep.then_some(tmp.path.as_path());
     print!("{}", saved.report(logs)?);
-    Ok(write_outputs(&saved, &opts.plots, true) && ok)
+    Ok(write_outputs(&saved, &opts.plots, None) && ok)
 }
 
-/// Writes results.json (when `with_json`), report.md and the charts into
-/// `dir`, saying on stderr what it wrote. False if any of it failed.
-fn write_outputs(saved: &Saved, dir: &Path, with_json: bool) -> bool {
+/// Writes results.json (unless the results were read from `read_from`),
+/// report.md and the charts into `dir`, saying on stderr what it wrote.
+/// False if any of it failed.
+fn write_outputs(saved: &Saved, dir: &Path, read_from: Option<&Path>) -> bool {
     if let Err(e) = std::fs::create_dir_all(dir) {
         eprintln!("bufshare-bench: {}: {e}", dir.display());
         return false;
     }
     let mut ok = true;
-    if with_json {
-        let json = dir.join("results.json");
+    let json = read_from.map_or_else(|| dir.join("results.json"), Path::to_path_buf);
+    if read_from.is_none() {
         match saved.write(&json) {
             Ok(()) => eprintln!("bufshare-bench: results in {}", json.display()),
             Err(e) => {
@@ -459,7 +460,7 @@ fn write_outputs(saved: &Saved, dir: &Path, with_json: bool) -> bool {
             eprintln!(
                 "bufshare-bench: charts: {e} (draw them again with \
                  `bufshare-bench --plot-from {}`)",
-                dir.join("results.json").display()
+                json.display()
             );
             ok = false;
         }

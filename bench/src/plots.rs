@@ -37,7 +37,7 @@ use crate::part2::LinkRow;
 use crate::results::{date, Meta, Saved};
 use crate::scenarios::Transport;
 
-/// Font files tried in order (after `BUFSHARE_BENCH_FONT`): regular, bold.
+/// Font files tried in order, unless `BUFSHARE_BENCH_FONT` names one: regular, bold.
 const FONT_FILES: [(&str, &str); 1] = [(
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
@@ -97,15 +97,15 @@ fn load_font() -> Result<(), String> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let mut candidates: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
-            if let Some(f) = std::env::var_os("BUFSHARE_BENCH_FONT") {
-                candidates.push((PathBuf::from(f), None));
-            }
-            candidates.extend(
-                FONT_FILES
-                    .iter()
-                    .map(|(r, b)| (PathBuf::from(r), Some(PathBuf::from(b)))),
-            );
+            // BUFSHARE_BENCH_FONT, when set, is the only candidate.
+            let candidates: Vec<(PathBuf, Option<PathBuf>)> =
+                match std::env::var_os("BUFSHARE_BENCH_FONT").filter(|f| !f.is_empty()) {
+                    Some(f) => vec![(PathBuf::from(f), None)],
+                    None => FONT_FILES
+                        .iter()
+                        .map(|(r, b)| (PathBuf::from(r), Some(PathBuf::from(b))))
+                        .collect(),
+                };
             let Some((regular, bold)) = candidates.iter().find(|(r, _)| r.is_file()) else {
                 return Err(format!(
                     "no font for the charts: none of {} exists (install Debian's \
