@@ -29,6 +29,8 @@ packages=(
   ffmpeg
   # cli/tests: bufshare top runs in a terminal (skipped, saying so, without it)
   tmux
+  # bufshare-bench: the font of its PNG charts (DejaVuSans.ttf, read at run time; nothing to build against)
+  fonts-dejavu-core
   # scripts/profile-per-frame.sh: instructions (callgrind) and context switches (GNU time)
   valgrind
   time

@@ -31,33 +31,46 @@
 //! unixfd children may run on another GStreamer install (gstprefix.rs). The
 //! report (markdown, on stdout) is printed at the end, with the machine's
 //! load average at start and end in its header; progress goes to stderr. The
-//! exit status is non-zero if a pipeline failed or the plugin was not usable.
+//! exit status is non-zero if a pipeline failed, the plugin was not usable,
+//! or the results or charts could not be written.
+//!
+//! Results and charts (results.rs, plots.rs) go to the `--plots` directory
+//! (default `target/bench-plots`): `results.json` (every run's raw figures
+//! and latency samples), `report.md` (the report) and PNG charts.
+//! `--plot-from FILE` makes the report and the charts again from a
+//! results.json without measuring.
 
 mod gstprefix;
 mod measure;
 mod part1;
+mod part2;
+mod plots;
+mod results;
 mod roles;
 mod runner;
 mod scenarios;
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gstprefix::Unixfd;
-use scenarios::{Context, Outcome, Transport};
+use part2::RATE_SIZES;
+use results::{Meta, Saved};
+use scenarios::{Context, Transport};
 
 const PLUGIN_FILE: &str = "libgstbufshare.so";
-const RATE_SIZES: [(u32, u32); 3] = [(640, 480), (1920, 1080), (3840, 2160)];
+/// Where results.json, report.md and the charts go without `--plots`.
+const DEFAULT_PLOTS_DIR: &str = "target/bench-plots";
 /// Start-up and shutdown of a run's processes, beyond warm-up and window (for the estimate).
 const RUN_OVERHEAD_S: f64 = 0.5;
 
 const USAGE: &str = "\
 usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
                       [--quick] [--only bufshare,shm,unixfd,tee] [--part 1|2]
-                      [--plugin-dir DIR]
+                      [--plugin-dir DIR] [--plots DIR]
+       bufshare-bench --plot-from FILE [--plots DIR]
 
   --seconds N        measured duration of each part 1 (fan-out) run, default 10
   --rounds N         part 1 rounds, interleaved (every transport and consumer
@@ -71,6 +84,16 @@ usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
   --part 1|2         run only part 1 (fan-out) or part 2 (link rate)
   --plugin-dir DIR   directory holding libgstbufshare.so
                      (default: the directory of this executable)
+  --plots DIR        where to write results.json (every run's figures and
+                     latency samples), report.md (the report also printed on
+                     stdout) and the PNG charts; created if missing, files of
+                     the same names replaced (default: target/bench-plots)
+  --plot-from FILE   measure nothing: read a results.json of an earlier run,
+                     print its report and draw its charts into --plots DIR
+
+charts (fonts: DejaVu Sans, Debian package fonts-dejavu-core, or the TTF file
+in BUFSHARE_BENCH_FONT): cpu-vs-consumers.png, cpu-vs-size.png,
+latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2)
 
 environment:
   BUFSHARE_BENCH_GST_PREFIX=DIR   install prefix of a GStreamer >= 1.24 that
@@ -79,6 +102,7 @@ environment:
                      lib on GST_PLUGIN_SYSTEM_PATH_1_0 and LD_LIBRARY_PATH).
                      Without it, unixfd is measured only if this GStreamer has it.";
 
+#[derive(Debug)]
 struct Options {
     seconds: f64,
     rate_seconds: f64,
@@ -88,6 +112,8 @@ struct Options {
     transports: Vec<Transport>,
     parts: Vec<u8>,
     plugin_dir: Option<PathBuf>,
+    plots: PathBuf,
+    plot_from: Option<PathBuf>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options, String> {
@@ -99,6 +125,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut transports = Transport::ALL.to_vec();
     let mut parts = vec![1, 2];
     let mut plugin_dir = None;
+    let mut plots = PathBuf::from(DEFAULT_PLOTS_DIR);
+    let mut plot_from = None;
     let mut it = args.iter();
     let positive = |name: &str, v: Option<&String>| -> Result<f64, String> {
         let v = v.ok_or(format!("{name} needs a value"))?;
@@ -140,6 +168,12 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                     it.next().ok_or("--plugin-dir needs a value")?,
                 ))
             }
+            "--plots" => plots = PathBuf::from(it.next().ok_or("--plots needs a directory")?),
+            "--plot-from" => {
+                plot_from = Some(PathBuf::from(
+                    it.next().ok_or("--plot-from needs a results.json")?,
+                ))
+            }
             "-h" | "--help" => return Err(String::new()), // USAGE on stdout
             other => return Err(format!("unknown option {other}")),
         }
@@ -155,6 +189,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         transports,
         parts,
         plugin_dir,
+        plots,
+        plot_from,
     })
 }
 
@@ -262,7 +298,16 @@ fn main() -> ExitCode {
 
 /// Runs everything and prints the report. Ok(false): something failed.
 fn orchestrate(opts: &Options) -> Result<bool, String> {
+    if let Some(file) = &opts.plot_from {
+        let saved = Saved::read(file)?;
+        print!("{}", saved.report(None)?);
+        return Ok(write_outputs(&saved, &opts.plots, Some(file)));
+    }
     let started = Instant::now();
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let load_start = measure::loadavg();
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut plugin = locate_plugin(&exe, opts.plugin_dir.as_deref());
@@ -332,143 +377,116 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
     );
 
     let mut errors: Vec<String> = Vec::new();
-    let mut body = String::new();
-    if part1_runs > 0 {
+    let part1 = (part1_runs > 0).then(|| {
         let results = part1::run(&ctx, &settings, &mut errors);
-        body.push_str(&part1::report(&results, &settings));
-    }
-    if part2_runs > 0 {
-        body.push_str(&part2(&ctx, &link_transports, &mut errors));
-    }
+        part1::Saved::new(&results, &settings)
+    });
+    let part2 = (part2_runs > 0).then(|| part2::run(&ctx, &link_transports, &mut errors));
 
-    let mut out = String::new();
-    let _ = writeln!(out, "# bufshare-bench\n");
-    let _ = writeln!(
-        out,
-        "- machine: {} CPUs, {}",
-        measure::nproc(),
-        measure::cpu_model()
-    );
-    let _ = writeln!(
-        out,
-        "- load average (1/5/15 min): {load_start} at start, {} at end; wall time {:.0} s",
-        measure::loadavg(),
-        started.elapsed().as_secs_f64()
-    );
-    let _ = writeln!(out, "- {}", gst::version_string());
-    if opts.parts.contains(&1) {
-        let _ = writeln!(
-            out,
-            "- part 1: {} round(s) of {} s runs, each after a {} s warm-up",
-            opts.rounds, opts.seconds, opts.warmup
-        );
-    }
-    if opts.parts.contains(&2) {
-        let _ = writeln!(
-            out,
-            "- part 2: {} s per size, after a {} s warm-up",
-            opts.rate_seconds, opts.warmup
-        );
-    }
-    match &plugin.problem {
-        None => {
-            let _ = writeln!(out, "- bufshare plugin: {}", plugin.file.display());
-        }
-        Some(p) => {
-            let _ = writeln!(out, "- bufshare plugin: NOT USABLE: {p}");
-        }
-    }
-    if let Some(source) = &unixfd_source {
-        let _ = writeln!(out, "- unixfd: {source}");
-    } else if let Some(why) = settings.unavailable.get(&Transport::Unixfd) {
-        let _ = writeln!(out, "- unixfd: {why}");
-    }
-    let _ = writeln!(out);
-    out.push_str(&body);
-
-    if !errors.is_empty() {
+    let unixfd = if let Some(source) = unixfd_source {
+        Some(source)
+    } else {
+        settings.unavailable.get(&Transport::Unixfd).cloned()
+    };
+    let saved = Saved {
+        format: results::FORMAT,
+        meta: Meta {
+            started_unix_s,
+            cpus: measure::nproc(),
+            cpu_model: measure::cpu_model(),
+            load_start,
+            load_end: measure::loadavg(),
+            wall_s: started.elapsed().as_secs_f64(),
+            gstreamer: gst::version_string().to_string(),
+            seconds: opts.seconds,
+            warmup: opts.warmup,
+            rate_seconds: opts.rate_seconds,
+            plugin: match &plugin.problem {
+                None => Ok(plugin.file.display().to_string()),
+                Some(p) => Err(p.clone()),
+            },
+            unixfd,
+        },
+        part1,
+        part2,
+        errors,
+    };
+    if !saved.errors.is_empty() {
         ok = false;
         tmp.keep = true;
-        let _ = writeln!(out, "## Errors\n");
-        for e in &errors {
-            let _ = writeln!(out, "- {e}");
-        }
-        let _ = writeln!(out, "\n(logs kept in {})", tmp.path.display());
     }
-    if let Some(problem) = &plugin.problem {
-        if opts.transports.contains(&Transport::Bufshare) {
-            let _ = writeln!(out, "\nbufshare rows skipped: {problem}");
-        }
-    }
-    print!("{out}");
-    Ok(ok)
+    let logs = tmp.keep.then_some(tmp.path.as_path());
+    print!("{}", saved.report(logs)?);
+    Ok(write_outputs(&saved, &opts.plots, None) && ok)
 }
 
-fn us(ns: f64) -> f64 {
-    ns / 1000.0
-}
-
-fn collect_errors(what: &str, outcome: &Outcome, errors: &mut Vec<String>) -> bool {
-    let found = outcome.all_errors();
-    for e in &found {
-        errors.push(format!("{what}: {e}"));
+/// Writes results.json (unless the results were read from `read_from`),
+/// report.md and the charts into `dir`, saying on stderr what it wrote.
+/// False if any of it failed.
+fn write_outputs(saved: &Saved, dir: &Path, read_from: Option<&Path>) -> bool {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("bufshare-bench: {}: {e}", dir.display());
+        return false;
     }
-    found.is_empty()
-}
-
-fn part2(ctx: &Context, transports: &[Transport], errors: &mut Vec<String>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## Part 2: highest rate of one link, NV12, sync=false\n"
-    );
-    let _ = writeln!(
-        out,
-        "| transport | size | frame KiB | frames/s | CPU µs/frame (producer+consumer) | CPU total % |"
-    );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
-    for &transport in transports {
-        for (w, h) in RATE_SIZES {
-            eprintln!(
-                "part 2: {} {w}x{h} ({} s)...",
-                transport.name(),
-                ctx.rate_seconds
-            );
-            let outcome = scenarios::rate(ctx, transport, w, h);
-            let what = format!("{} at {w}x{h}", transport.name());
-            let clean = collect_errors(&what, &outcome, errors);
-            let mark = if clean { "" } else { " (error)" };
-            let kib = roles::nv12_size(w, h) / 1024;
-            let received: u64 = outcome.reports.iter().flat_map(|r| r.reader_counts()).sum();
-            let window = outcome
-                .reports
-                .iter()
-                .map(|r| r.window_ns)
-                .max()
-                .unwrap_or(0);
-            if received == 0 || window == 0 {
-                let _ = writeln!(
-                    out,
-                    "| {}{mark} | {w}x{h} | {kib} | - | - | - |",
-                    transport.name()
-                );
-                continue;
+    let mut ok = true;
+    let json = read_from.map_or_else(|| dir.join("results.json"), Path::to_path_buf);
+    if read_from.is_none() {
+        match saved.write(&json) {
+            Ok(()) => eprintln!("bufshare-bench: results in {}", json.display()),
+            Err(e) => {
+                eprintln!("bufshare-bench: {e}");
+                ok = false;
             }
-            let cpu = outcome.cpu_ns() as f64;
-            let _ = writeln!(
-                out,
-                "| {}{mark} | {w}x{h} | {kib} | {:.0} | {:.1} | {:.1} |",
-                transport.name(),
-                received as f64 / (window as f64 / 1e9),
-                us(cpu / received as f64),
-                100.0 * cpu / window as f64
-            );
         }
     }
-    let _ = writeln!(
-        out,
-        "\nThe producer pushes clones of 8 prepared frames (memfd-backed for bufshare, \
-         system memory for shm, which copies anyway).\n"
-    );
-    out
+    let report = dir.join("report.md");
+    match saved
+        .report(None)
+        .and_then(|r| std::fs::write(&report, r).map_err(|e| format!("{}: {e}", report.display())))
+    {
+        Ok(()) => eprintln!("bufshare-bench: report in {}", report.display()),
+        Err(e) => {
+            eprintln!("bufshare-bench: {e}");
+            ok = false;
+        }
+    }
+    match plots::draw_all(saved, dir) {
+        Ok(files) => {
+            for f in files {
+                eprintln!("bufshare-bench: chart {}", f.display());
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "bufshare-bench: charts: {e} (draw them again with \
+                 `bufshare-bench --plot-from {}`)",
+                json.display()
+            );
+            ok = false;
+        }
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        parse_options(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn plot_options() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.plots, Path::new("target/bench-plots"));
+        assert_eq!(o.plot_from, None);
+        let o = parse(&["--plots", "/tmp/p", "--plot-from", "r.json"]).unwrap();
+        assert_eq!(o.plots, Path::new("/tmp/p"));
+        assert_eq!(o.plot_from.as_deref(), Some(Path::new("r.json")));
+        assert!(parse(&["--plots"]).unwrap_err().contains("--plots needs"));
+        assert!(parse(&["--plot-from"])
+            .unwrap_err()
+            .contains("--plot-from needs"));
+    }
 }

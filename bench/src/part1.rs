@@ -36,6 +36,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use serde::{Deserialize, Serialize};
+
 use crate::measure::{median, percentile};
 use crate::scenarios::{self, Context, Outcome, Size, Transport, FANOUT_SIZES};
 
@@ -47,7 +49,7 @@ const SHM_LIMIT: f64 = 0.8;
 const UNIXFD_LIMIT: f64 = 0.5;
 /// The latency target: p99 under this at 1080p30 with `LATENCY_COUNT` consumers.
 const LATENCY_LIMIT_US: f64 = 300.0;
-const LATENCY_COUNT: usize = 4;
+pub const LATENCY_COUNT: usize = 4;
 /// A consumer that received fewer than produced minus both of these lost frames.
 const LOSS_FRAMES: u64 = 3;
 const LOSS_FRACTION: f64 = 0.01;
@@ -64,6 +66,7 @@ pub fn consumer_counts(size: Size, quick: bool) -> Vec<usize> {
 }
 
 /// What part 1 measures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub rounds: usize,
     pub quick: bool,
@@ -93,7 +96,8 @@ impl Settings {
 }
 
 /// One clean run.
-struct Sample {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
     produced: u64,
     received: Vec<u64>,
     cpu_ns: u64,
@@ -146,16 +150,47 @@ impl Sample {
     }
 }
 
-/// (size index in FANOUT_SIZES, transport, consumers); consumers 0 = baseline.
+/// (index in `Results::sizes`, transport, consumers); consumers 0 = baseline.
 type Key = (usize, Transport, usize);
 
 /// All runs of part 1: per key, one entry per round (None: the run failed).
 pub struct Results {
     rounds: usize,
+    /// The sizes measured; keys index into it.
+    sizes: Vec<Size>,
     samples: BTreeMap<Key, Vec<Option<Sample>>>,
 }
 
 impl Results {
+    pub fn rounds(&self) -> usize {
+        self.rounds
+    }
+
+    pub fn sizes(&self) -> &[Size] {
+        &self.sizes
+    }
+
+    /// Transports with runs (failed or not), in table order.
+    pub fn transports(&self) -> Vec<Transport> {
+        Transport::ALL
+            .into_iter()
+            .filter(|t| self.samples.keys().any(|k| k.1 == *t))
+            .collect()
+    }
+
+    /// Consumer counts (not the baseline) run at size `si`, of any transport.
+    pub fn consumer_counts(&self, si: usize) -> Vec<usize> {
+        let mut counts: Vec<usize> = self
+            .samples
+            .keys()
+            .filter(|k| k.0 == si && k.2 > 0)
+            .map(|k| k.2)
+            .collect();
+        counts.sort_unstable();
+        counts.dedup();
+        counts
+    }
+
     fn rounds_of(&self, key: Key) -> impl Iterator<Item = Option<&Sample>> + '_ {
         let v = self.samples.get(&key);
         (0..self.rounds).map(move |r| v.and_then(|v| v.get(r)).and_then(Option::as_ref))
@@ -170,19 +205,19 @@ impl Results {
     }
 
     /// Figures of all rounds that have one.
-    fn figures(&self, key: Key) -> Vec<f64> {
+    pub fn figures(&self, key: Key) -> Vec<f64> {
         (0..self.rounds)
             .filter_map(|r| self.figure(key, r))
             .collect()
     }
 
     /// Median over rounds of the transport CPU per frame per consumer, ns.
-    fn median_figure(&self, key: Key) -> Option<f64> {
+    pub fn median_figure(&self, key: Key) -> Option<f64> {
         median(&self.figures(key))
     }
 
     /// Pooled latency samples of all rounds, sorted.
-    fn latencies(&self, key: Key) -> Vec<u64> {
+    pub fn latencies(&self, key: Key) -> Vec<u64> {
         let mut lat: Vec<u64> = self
             .rounds_of(key)
             .flatten()
@@ -198,6 +233,7 @@ pub fn run(ctx: &Context, settings: &Settings, errors: &mut Vec<String>) -> Resu
     let transports = settings.measured();
     let mut results = Results {
         rounds: settings.rounds,
+        sizes: FANOUT_SIZES.to_vec(),
         samples: BTreeMap::new(),
     };
     let total = settings.runs();
@@ -288,7 +324,7 @@ pub fn report(results: &Results, settings: &Settings) -> String {
         "## Part 1: fan-out, live NV12 producer, {} round(s)\n",
         results.rounds
     );
-    for (si, &size) in FANOUT_SIZES.iter().enumerate() {
+    for (si, &size) in results.sizes.iter().enumerate() {
         size_table(&mut out, results, settings, si, size);
     }
     let _ = writeln!(
@@ -465,7 +501,7 @@ fn row(results: &Results, settings: &Settings, key: Key) -> String {
 
 /// "bufshare at most LIMITx OTHER at both sizes, 1/3/8 consumers: met/missed".
 fn ratio_target(results: &Results, settings: &Settings, other: Transport, limit: f64) -> String {
-    let sizes: Vec<String> = FANOUT_SIZES.iter().map(|s| s.short()).collect();
+    let sizes: Vec<String> = results.sizes.iter().map(|s| s.short()).collect();
     let counts: Vec<String> = TARGET_COUNTS.iter().map(usize::to_string).collect();
     let head = format!(
         "bufshare {limit}x {} at {}, {} consumers",
@@ -487,7 +523,7 @@ fn ratio_target(results: &Results, settings: &Settings, other: Transport, limit:
     let mut worst: Option<(f64, String)> = None;
     let mut missing = Vec::new();
     let mut total = 0;
-    for (si, size) in FANOUT_SIZES.iter().enumerate() {
+    for (si, size) in results.sizes.iter().enumerate() {
         for &n in &TARGET_COUNTS {
             total += 1;
             let at = format!("{} x{n}", size.short());
@@ -526,7 +562,7 @@ fn ratio_target(results: &Results, settings: &Settings, other: Transport, limit:
 /// "p99 latency 1080p30 4 consumers: N µs (target 300): met/missed".
 fn latency_target(results: &Results, settings: &Settings) -> String {
     let head = format!("bufshare p99 latency 1080p30 {LATENCY_COUNT} consumers");
-    let Some(si) = FANOUT_SIZES.iter().position(|s| s.height == 1080) else {
+    let Some(si) = results.sizes.iter().position(|s| s.height == 1080) else {
         return format!("{head}: not measured");
     };
     if let Some(why) = settings.unavailable.get(&Transport::Bufshare) {
@@ -544,5 +580,173 @@ fn latency_target(results: &Results, settings: &Settings) -> String {
             };
             format!("{head}: {us:.0} µs (target {LATENCY_LIMIT_US:.0}): {verdict}")
         }
+    }
+}
+
+/// Part 1 as results.json keeps it: what was asked for and every run's
+/// sample, so that the report and the charts can be made again without
+/// measuring (`--plot-from`).
+#[derive(Serialize, Deserialize)]
+pub struct Saved {
+    pub settings: Settings,
+    pub rounds: usize,
+    /// One entry per size, transport and consumer count (0: the baseline).
+    pub runs: Vec<SavedRuns>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedRuns {
+    pub size: Size,
+    pub transport: Transport,
+    pub consumers: usize,
+    /// One entry per round; null where the run failed.
+    pub rounds: Vec<Option<Sample>>,
+}
+
+impl Saved {
+    pub fn new(results: &Results, settings: &Settings) -> Saved {
+        Saved {
+            settings: settings.clone(),
+            rounds: results.rounds,
+            runs: results
+                .samples
+                .iter()
+                .map(|(&(si, transport, consumers), rounds)| SavedRuns {
+                    size: results.sizes[si],
+                    transport,
+                    consumers,
+                    rounds: rounds.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The results and settings again; sizes in order of first appearance.
+    pub fn restore(&self) -> Result<(Results, Settings), String> {
+        let mut results = Results {
+            rounds: self.rounds,
+            sizes: Vec::new(),
+            samples: BTreeMap::new(),
+        };
+        for run in &self.runs {
+            if run.rounds.len() != self.rounds {
+                return Err(format!(
+                    "part 1, {} {} x{}: {} rounds saved, {} expected",
+                    run.size.name(),
+                    run.transport.name(),
+                    run.consumers,
+                    run.rounds.len(),
+                    self.rounds
+                ));
+            }
+            let si = match results.sizes.iter().position(|s| *s == run.size) {
+                Some(si) => si,
+                None => {
+                    results.sizes.push(run.size);
+                    results.sizes.len() - 1
+                }
+            };
+            results
+                .samples
+                .insert((si, run.transport, run.consumers), run.rounds.clone());
+        }
+        Ok((results, self.settings.clone()))
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    fn sample(produced: u64, consumers: usize, cpu_ns: u64, latency_us: u64) -> Sample {
+        Sample {
+            produced,
+            received: vec![produced; consumers],
+            cpu_ns,
+            consumers_cpu_ns: cpu_ns / 3,
+            window_ns: 2_000_000_000,
+            latencies_ns: (0..produced * consumers as u64)
+                .map(|i| latency_us * 1000 + (i % 97) * 7_000)
+                .collect(),
+        }
+    }
+
+    /// Results as a short run on this machine gives them: bufshare, shm and
+    /// tee measured, unixfd not installed, one shm run failed.
+    pub fn fake(rounds: usize) -> (Results, Settings) {
+        let settings = Settings {
+            rounds,
+            quick: false,
+            transports: Transport::ALL.to_vec(),
+            unavailable: BTreeMap::from([(
+                Transport::Unixfd,
+                "not installed (GStreamer 1.22)".to_string(),
+            )]),
+        };
+        let mut results = Results {
+            rounds,
+            sizes: FANOUT_SIZES.to_vec(),
+            samples: BTreeMap::new(),
+        };
+        for (si, &size) in FANOUT_SIZES.iter().enumerate() {
+            let frames = 2 * size.fps as u64;
+            let per_pixel = (size.width * size.height) as u64 / 100;
+            for (ti, t) in [Transport::Bufshare, Transport::Shm, Transport::Tee]
+                .into_iter()
+                .enumerate()
+            {
+                for n in std::iter::once(0).chain(consumer_counts(size, false)) {
+                    let samples = (0..rounds)
+                        .map(|r| {
+                            if t == Transport::Shm && n == 3 && r == 0 {
+                                return None;
+                            }
+                            let per_frame = 1_000 * per_pixel
+                                + n as u64 * (40_000 + 10_000 * ti as u64)
+                                + r as u64 * n as u64 * 12_000;
+                            Some(sample(frames, n, per_frame * frames, 50 + 40 * ti as u64))
+                        })
+                        .collect();
+                    results.samples.insert((si, t, n), samples);
+                }
+            }
+        }
+        (results, settings)
+    }
+
+    #[test]
+    fn saved_results_give_the_same_report() {
+        let (results, settings) = fake(3);
+        let before = report(&results, &settings);
+        let json = serde_json::to_string(&Saved::new(&results, &settings)).unwrap();
+        let saved: Saved = serde_json::from_str(&json).unwrap();
+        let (again, settings_again) = saved.restore().unwrap();
+        assert_eq!(settings_again, settings);
+        assert_eq!(again.sizes, results.sizes);
+        assert_eq!(again.samples, results.samples);
+        assert_eq!(report(&again, &settings_again), before);
+        // The fake's figures: shm failed once at 3 consumers, unixfd is unavailable.
+        assert!(before.contains("shm (failed in 1 of 3 rounds)"), "{before}");
+        assert!(before.contains("| unixfd | - | not installed"), "{before}");
+    }
+
+    #[test]
+    fn a_run_with_missing_rounds_is_refused() {
+        let (results, settings) = fake(2);
+        let mut saved = Saved::new(&results, &settings);
+        saved.runs[0].rounds.pop();
+        let err = saved.restore().err().unwrap();
+        assert!(err.contains("1 rounds saved, 2 expected"), "{err}");
+    }
+
+    #[test]
+    fn counts_and_transports_come_from_the_runs() {
+        let (results, _) = fake(1);
+        assert_eq!(
+            results.transports(),
+            [Transport::Bufshare, Transport::Shm, Transport::Tee]
+        );
+        assert_eq!(results.consumer_counts(0), [1, 3, 8]);
+        assert_eq!(results.consumer_counts(1), [1, 3, 4, 8]);
     }
 }

@@ -33,11 +33,13 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::roles::nv12_size;
 use crate::runner::{wait_for_path, ChildId, Fleet, Report};
 
 /// A part 1 format: NV12 `width` x `height` at `fps`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Size {
     pub width: u32,
     pub height: u32,
@@ -86,7 +88,9 @@ const RATE_SHM_FRAMES: usize = 8;
 /// How long a producer's socket may take to appear.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// Saved in results.json by its name (`bufshare`, `shm`, `unixfd`, `tee`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     Bufshare,
     Shm,

@@ -4,7 +4,7 @@
 //!
 //! The protocol module is pure (no I/O, no GStreamer), so it is compiled in
 //! directly from the plugin's sources instead of building GStreamer under
-//! the sanitizers. Run: `cargo +nightly fuzz run decode` (see README.md).
+//! the sanitizers. Run: `cargo +nightly fuzz run decode` (see docs/reliability.md, "Fuzzing").
 
 #![no_main]
 
