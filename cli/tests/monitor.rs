@@ -8,85 +8,24 @@
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gstbufshare::protocol::{self, Hello, Message, Role};
 use gstbufshare::transport::unix::Listener;
 use gstbufshare::transport::{Channel, Received};
 
-/// The directory holding libgstbufshare.so: next to the `bufshare` binary (same target dir).
-/// Builds the plugin if it is not there yet (`cargo build --workspace` normally did).
-fn plugin_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_BIN_EXE_bufshare"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        if !dir.join("libgstbufshare.so").exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "gst-plugin-bufshare", "--lib"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .status()
-                .unwrap();
-            assert!(status.success(), "building the plugin failed");
-        }
-        dir
-    })
-    .clone()
-}
+mod common;
 
-/// A child process, killed (and reaped) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
+use common::{gst_command, Proc, TempDir};
 
 fn gst_launch(args: &[&str]) -> Proc {
-    let mut cmd = Command::new("gst-launch-1.0");
-    cmd.arg("-q")
-        .args(args)
-        .env("GST_PLUGIN_PATH", plugin_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = gst_command("gst-launch-1.0");
+    cmd.arg("-q").args(args);
     Proc(cmd.spawn().unwrap())
-}
-
-/// A fresh directory for a test's sockets, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bufshare-mon-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Whether `cond` became true within `limit` (polled every 50 ms).

@@ -7,85 +7,19 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{gst_command, Proc, TempDir};
 
 /// Encoder for the tests: a 30 s GOP (900 frames at 30 fps), so that a client which got no
 /// forced key frame would wait seconds for one.
 const LONG_GOP_ENCODER: &str = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=900";
-
-/// The directory holding libgstbufshare.so: next to the `bufshare` binary (same target dir).
-/// Builds the plugin if it is not there yet (`cargo build --workspace` normally did).
-fn plugin_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_BIN_EXE_bufshare"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        if !dir.join("libgstbufshare.so").exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "gst-plugin-bufshare", "--lib"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .status()
-                .unwrap();
-            assert!(status.success(), "building the plugin failed");
-        }
-        assert!(
-            dir.join("libgstbufshare.so").exists(),
-            "no libgstbufshare.so in {dir:?}"
-        );
-        dir
-    })
-    .clone()
-}
-
-/// A child process, killed (and reaped) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn alive(&mut self) -> bool {
-        self.0.try_wait().unwrap().is_none()
-    }
-}
-
-fn gst_command(program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.env("GST_PLUGIN_PATH", plugin_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
-/// A fresh directory for a test's socket, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bufshare-cli-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Inodes of the UNIX sockets bound to `path` (the listener and the accepted connections),
 /// from /proc/net/unix.

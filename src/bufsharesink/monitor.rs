@@ -80,18 +80,7 @@ impl Server {
 /// a monitor, or is refused for its version like a consumer.
 pub(super) fn accept(client: &mut Client, hello: &Hello) {
     if hello.version != protocol::VERSION {
-        let reason = format!(
-            "protocol version mismatch: monitor speaks version {}, producer speaks version {}",
-            hello.version,
-            protocol::VERSION
-        );
-        client.send_control(
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            None,
-        );
-        client.kill(reason, true);
+        client.refuse_version("monitor", hello.version);
         return;
     }
     client.phase = Phase::Monitor;

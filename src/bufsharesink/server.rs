@@ -297,6 +297,22 @@ impl Client {
         }
     }
 
+    /// Refuses a peer (`who`: consumer, monitor) of another protocol
+    /// version: REFUSE naming both versions, then it is dropped.
+    fn refuse_version(&mut self, who: &str, version: u16) {
+        let reason = format!(
+            "protocol version mismatch: {who} speaks version {version}, producer speaks version {}",
+            protocol::VERSION
+        );
+        self.send_control(
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            None,
+        );
+        self.kill(reason, true);
+    }
+
     fn kill(&mut self, reason: String, warn: bool) {
         if self.dead.is_none() {
             self.dead = Some((reason, warn));
@@ -1547,18 +1563,7 @@ fn read_client(
                 if h.role != Role::Consumer {
                     client.kill("peer says it is a producer, not a consumer".into(), true);
                 } else if h.version != protocol::VERSION {
-                    let reason = format!(
-                        "protocol version mismatch: consumer speaks version {}, producer speaks version {}",
-                        h.version,
-                        protocol::VERSION
-                    );
-                    client.send_control(
-                        &Message::Refuse {
-                            reason: reason.clone(),
-                        },
-                        None,
-                    );
-                    client.kill(reason, true);
+                    client.refuse_version("consumer", h.version);
                 } else {
                     client.phase = Phase::Active;
                     if h.features & FEATURE_RELEASE_RING != 0 {
