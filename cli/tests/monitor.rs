@@ -20,24 +20,12 @@ use gstbufshare::transport::{Channel, Received};
 
 mod common;
 
-use common::{gst_command, Proc, TempDir};
+use common::{gst_command, wait_for, Proc, TempDir};
 
 fn gst_launch(args: &[&str]) -> Proc {
     let mut cmd = gst_command("gst-launch-1.0");
     cmd.arg("-q").args(args);
     Proc(cmd.spawn().unwrap())
-}
-
-/// Whether `cond` became true within `limit` (polled every 50 ms).
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
 }
 
 /// A live 320x240 NV12 test producer on `socket` (`props`: more bufsharesink properties),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{gst_command, Proc, TempDir};
+use common::{gst_command, wait_for, Proc, TempDir};
 
 /// Encoder for the tests: a 30 s GOP (900 frames at 30 fps), so that a client which got no
 /// forced key frame would wait seconds for one.
@@ -40,18 +40,6 @@ fn unix_socket_inodes(path: &Path) -> std::collections::BTreeSet<u64> {
 /// Consumers connected to the producer socket `path` (its connections besides the listener).
 fn consumers(path: &Path) -> usize {
     unix_socket_inodes(path).len().saturating_sub(1)
-}
-
-/// Whether `cond` became true within `limit` (polled every 20 ms).
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
 }
 
 fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
