@@ -11,7 +11,7 @@
 #
 # Environment: DURATION (seconds, default 10), DEVICE (V4L2 capture device), OUT (output directory,
 # default: a new directory under /tmp). The socket goes in a new directory under /tmp, removed at
-# the end. Ctrl-C (or q or Ctrl-C in top) stops early: every process is stopped, the recording is
+# the end. Ctrl-C (also q in top) stops early: every process is stopped, the recording is
 # finalized and the summary printed. Needs Debian 12 with Rust; installs missing packages with
 # scripts/install-deps.sh and builds the plugin and the bufshare tool with cargo first.
 set -euo pipefail
@@ -408,6 +408,7 @@ fail_early() {
   note[$died]="exited early, after $((SECONDS - start_time)) s"
   echo "demo.sh: $died exited early; last lines of its log:" >&2
   tail -n 10 "$out/$died.log" >&2
+  final_dump
   stop_all
   summary
   echo "==> Demo FAILED (see the logs above)"
