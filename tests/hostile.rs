@@ -398,9 +398,9 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
     (
         "release ring names a frame it does not hold",
         |c| {
-            use protocol::release_ring::{IDS_OFFSET, WRITE_OFFSET};
+            use protocol::release_ring::{SLOTS_OFFSET, WRITE_OFFSET};
             let ring = hostile_ring(c);
-            poke(&ring, IDS_OFFSET, 0xdead);
+            poke(&ring, SLOTS_OFFSET, 0xdead);
             poke(&ring, WRITE_OFFSET, 1);
         },
         "release ring names frame 57005, which it does not hold",

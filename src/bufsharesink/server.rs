@@ -353,8 +353,8 @@ impl Client {
     }
 
     /// Takes the releases it wrote to its ring since the last look.
-    /// Release latencies (for monitors) are measured to this moment: the
-    /// producer sees a ring's releases when it reads it.
+    /// Release latencies (for monitors) are measured to the release time
+    /// the consumer wrote with each id, kept between the send and now.
     fn take_ring_releases(
         &mut self,
         holders: &mut HashMap<u64, u32>,
@@ -370,7 +370,7 @@ impl Client {
         let inflight = &mut self.inflight;
         let meter = &mut self.monitor.meter;
         let mut now_ns = None;
-        let taken = ring.drain(|id| {
+        let taken = ring.drain(|id, released| {
             if inflight.remove(&id).is_none() {
                 return Err(format!(
                     "release ring names frame {id}, which it does not hold"
@@ -379,7 +379,7 @@ impl Client {
             unhold(holders, id);
             if let Some(t) = sent.sent_at(id) {
                 let now_ns = *now_ns.get_or_insert_with(crate::clock::monotonic_now);
-                meter.released(now_ns.saturating_sub(t));
+                meter.released(release_ring::release_latency(t, released, now_ns));
             }
             Ok(())
         });

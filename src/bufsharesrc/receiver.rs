@@ -230,7 +230,12 @@ impl Releaser {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        if self.ring.get().is_some_and(|ring| ring.push(frame_ids)) {
+        let now = crate::clock::monotonic_now();
+        if self
+            .ring
+            .get()
+            .is_some_and(|ring| ring.push(frame_ids, now))
+        {
             return Ok(false);
         }
         let mut kept = false;

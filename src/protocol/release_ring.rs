@@ -15,7 +15,10 @@
 //! offset   0  write   ids written so far; only the consumer writes it
 //! offset  64  read    ids taken so far;   only the producer writes it
 //! offset 128  flags   bit 0: FLAG_RELEASE_ON_SOCKET; only the producer writes it
-//! offset 192  ids     `capacity` u64 frame ids; id n is at slot n % capacity
+//! offset 192  slots   `capacity` slots of 16 bytes: u64 frame id, u64 when
+//!                     the consumer released it (CLOCK_MONOTONIC ns, for the
+//!                     release-latency statistics only); release n is at slot
+//!                     n % capacity
 //! ```
 //!
 //! The producer never trusts what the consumer wrote: it keeps its own read
@@ -33,8 +36,10 @@ pub const WRITE_OFFSET: usize = 0;
 pub const READ_OFFSET: usize = 64;
 /// Byte offset of the producer's flags.
 pub const FLAGS_OFFSET: usize = 128;
-/// Byte offset of the first id slot.
-pub const IDS_OFFSET: usize = 192;
+/// Byte offset of the first slot.
+pub const SLOTS_OFFSET: usize = 192;
+/// Bytes of a slot: the frame id, then the release time.
+pub const SLOT_LEN: usize = 16;
 
 /// Flag: send RELEASE messages on the socket, do not write the ring.
 pub const FLAG_RELEASE_ON_SOCKET: u64 = 1;
@@ -52,12 +57,20 @@ pub fn valid_capacity(capacity: u32) -> bool {
 
 /// Bytes a ring of `capacity` slots needs.
 pub fn ring_len(capacity: u32) -> usize {
-    IDS_OFFSET + capacity as usize * 8
+    SLOTS_OFFSET + capacity as usize * SLOT_LEN
 }
 
-/// Byte offset of the slot that id number `index` goes to.
+/// Byte offset of the slot that release number `index` goes to (its frame
+/// id; the release time follows at + 8).
 pub fn slot_offset(index: u64, capacity: u32) -> usize {
-    IDS_OFFSET + (index & (u64::from(capacity) - 1)) as usize * 8
+    SLOTS_OFFSET + (index & (u64::from(capacity) - 1)) as usize * SLOT_LEN
+}
+
+/// The release latency the producer records for a release the consumer
+/// says it made at `released` (untrusted), of a frame sent at `sent`, read
+/// at `now`: the consumer's time, kept within what is possible.
+pub fn release_latency(sent: u64, released: u64, now: u64) -> u64 {
+    released.clamp(sent, now.max(sent)) - sent
 }
 
 /// What the producer found wrong in a ring. The consumer wrote it; it is
@@ -123,19 +136,32 @@ mod tests {
         for bad in [0, 1, 8, 1000, MAX_CAPACITY * 2, u32::MAX] {
             assert!(!valid_capacity(bad), "{bad}");
         }
-        assert_eq!(ring_len(16), 192 + 128);
+        assert_eq!(ring_len(16), 192 + 256);
     }
 
     #[test]
     fn slots_wrap_and_never_leave_the_ring() {
         let cap = 16;
-        assert_eq!(slot_offset(0, cap), IDS_OFFSET);
-        assert_eq!(slot_offset(15, cap), IDS_OFFSET + 15 * 8);
-        assert_eq!(slot_offset(16, cap), IDS_OFFSET);
+        assert_eq!(slot_offset(0, cap), SLOTS_OFFSET);
+        assert_eq!(slot_offset(15, cap), SLOTS_OFFSET + 15 * 16);
+        assert_eq!(slot_offset(16, cap), SLOTS_OFFSET);
         for index in [u64::MAX, u64::MAX - 1, 1 << 63, 12345678901] {
             let off = slot_offset(index, cap);
-            assert!(off >= IDS_OFFSET && off + 8 <= ring_len(cap), "{index}");
+            assert!(
+                off >= SLOTS_OFFSET && off + SLOT_LEN <= ring_len(cap),
+                "{index}"
+            );
         }
+    }
+
+    #[test]
+    fn a_release_time_from_the_consumer_stays_within_what_is_possible() {
+        assert_eq!(release_latency(1000, 1500, 2000), 500);
+        // Before the frame was sent, or after the producer read it: clamped.
+        assert_eq!(release_latency(1000, 10, 2000), 0);
+        assert_eq!(release_latency(1000, u64::MAX, 2000), 1000);
+        // A clock that went back on the producer's side never underflows.
+        assert_eq!(release_latency(1000, 1500, 900), 0);
     }
 
     #[test]

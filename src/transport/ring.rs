@@ -110,13 +110,14 @@ impl ProducerRing {
         Ok((ring, fd))
     }
 
-    /// Takes every id written since the last call, in order, handing each to
-    /// `take`, which answers whether the id was good. A bad write counter, or
-    /// an id `take` refuses, ends it with the fault (the consumer is dropped
-    /// for it). Answers how many ids were taken.
+    /// Takes every release written since the last call, in order, handing
+    /// each to `take` as (frame id, release time the consumer wrote), which
+    /// answers whether the id was good. A bad write counter, or an id `take`
+    /// refuses, ends it with the fault (the consumer is dropped for it).
+    /// Answers how many were taken.
     pub fn drain(
         &mut self,
-        mut take: impl FnMut(u64) -> Result<(), String>,
+        mut take: impl FnMut(u64, u64) -> Result<(), String>,
     ) -> Result<u64, String> {
         let write = self
             .mapping
@@ -129,7 +130,8 @@ impl ProducerRing {
         for i in 0..n {
             let slot = layout::slot_offset(self.read.wrapping_add(i), self.capacity);
             let id = self.mapping.word(slot).load(Ordering::Relaxed);
-            if let Err(e) = take(id) {
+            let released = self.mapping.word(slot + 8).load(Ordering::Relaxed);
+            if let Err(e) = take(id, released) {
                 self.read = write;
                 return Err(e);
             }
@@ -206,9 +208,10 @@ impl ConsumerRing {
         })
     }
 
-    /// Writes `frame_ids` to the ring, all or none. False when they must go
-    /// on the socket instead: the producer asks for that, or there is no room.
-    pub fn push(&self, frame_ids: &[u64]) -> bool {
+    /// Writes `frame_ids`, released at `now` (CLOCK_MONOTONIC ns), to the
+    /// ring, all or none. False when they must go on the socket instead: the
+    /// producer asks for that, or there is no room.
+    pub fn push(&self, frame_ids: &[u64], now: u64) -> bool {
         let mut write = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let flags = self
             .mapping
@@ -227,6 +230,7 @@ impl ConsumerRing {
         for (i, id) in frame_ids.iter().enumerate() {
             let slot = layout::slot_offset(write.wrapping_add(i as u64), self.capacity);
             self.mapping.word(slot).store(*id, Ordering::Relaxed);
+            self.mapping.word(slot + 8).store(now, Ordering::Relaxed);
         }
         *write = write.wrapping_add(frame_ids.len() as u64);
         self.mapping
@@ -247,9 +251,10 @@ mod tests {
         let mut seen = Vec::new();
         for round in 0..5u64 {
             let ids: Vec<u64> = (0..7).map(|i| round * 100 + i).collect();
-            assert!(consumer.push(&ids));
-            assert!(consumer.push(&[round * 100 + 50]));
-            let n = producer.drain(|id| {
+            assert!(consumer.push(&ids, 7));
+            assert!(consumer.push(&[round * 100 + 50], 7));
+            let n = producer.drain(|id, released| {
+                assert_eq!(released, 7);
                 seen.push(id);
                 Ok(())
             });
@@ -257,22 +262,22 @@ mod tests {
         }
         assert_eq!(seen.len(), 40);
         assert_eq!(&seen[8..16], &[100, 101, 102, 103, 104, 105, 106, 150]);
-        assert_eq!(producer.drain(|_| Ok(())), Ok(0));
+        assert_eq!(producer.drain(|_, _| Ok(())), Ok(0));
     }
 
     #[test]
     fn a_full_ring_or_the_producers_flag_sends_releases_to_the_socket() {
         let (mut producer, fd) = ProducerRing::create(16, false).unwrap();
         let consumer = ConsumerRing::map(fd.as_fd(), 16).unwrap();
-        assert!(consumer.push(&[1; 10]));
-        assert!(!consumer.push(&[2; 7]), "only 6 slots left");
-        assert!(consumer.push(&[3; 6]));
-        assert_eq!(producer.drain(|_| Ok(())), Ok(16));
+        assert!(consumer.push(&[1; 10], 7));
+        assert!(!consumer.push(&[2; 7], 7), "only 6 slots left");
+        assert!(consumer.push(&[3; 6], 7));
+        assert_eq!(producer.drain(|_, _| Ok(())), Ok(16));
         assert!(producer.switch(true));
         assert!(!producer.switch(true));
-        assert!(!consumer.push(&[4]));
+        assert!(!consumer.push(&[4], 7));
         producer.switch(false);
-        assert!(consumer.push(&[4]));
+        assert!(consumer.push(&[4], 7));
     }
 
     #[test]
@@ -283,17 +288,19 @@ mod tests {
         hostile
             .word(layout::WRITE_OFFSET)
             .store(17, Ordering::SeqCst);
-        let err = producer.drain(|_| Ok(())).unwrap_err();
+        let err = producer.drain(|_, _| Ok(())).unwrap_err();
         assert!(err.contains("write counter 17"), "{err}");
         // An id the producer does not accept ends the drain with its fault.
         let (mut producer, fd) = ProducerRing::create(16, false).unwrap();
         let hostile = Mapping::map(fd.as_fd(), layout::ring_len(16)).unwrap();
-        hostile.word(layout::IDS_OFFSET).store(99, Ordering::SeqCst);
+        hostile
+            .word(layout::SLOTS_OFFSET)
+            .store(99, Ordering::SeqCst);
         hostile
             .word(layout::WRITE_OFFSET)
             .store(1, Ordering::SeqCst);
         let err = producer
-            .drain(|id| Err(format!("frame {id} is not held")))
+            .drain(|id, _| Err(format!("frame {id} is not held")))
             .unwrap_err();
         assert_eq!(err, "frame 99 is not held");
     }
