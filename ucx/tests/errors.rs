@@ -5,7 +5,7 @@
 mod common;
 
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
@@ -108,8 +108,7 @@ fn peer_killed_mid_transfer_fires_error_callback() {
         .spawn()
         .expect("spawn ucx-peer");
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let line = peer_line(&mut out);
     let addr: SocketAddr = line
         .trim()
         .strip_prefix("listening ")
@@ -138,9 +137,7 @@ fn peer_killed_mid_transfer_fires_error_callback() {
     // Progress until the peer reports it holds the message, then kill it.
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
-        let mut l = String::new();
-        let _ = out.read_line(&mut l);
-        let _ = tx.send(l);
+        let _ = tx.send(peer_line(&mut out));
     });
     // The child's stdout is not on the worker's efd: wake up every 50 ms to look at it.
     let deadline = Instant::now() + Duration::from_secs(20);

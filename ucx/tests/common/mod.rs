@@ -1,6 +1,7 @@
 //! Helpers shared by the ucx integration tests.
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::time::Duration;
 
 use ucx::{Context, Worker};
@@ -60,4 +61,16 @@ pub fn thread_cpu() -> Duration {
 
 pub fn peer_exe() -> &'static str {
     env!("CARGO_BIN_EXE_ucx-peer")
+}
+
+/// The next line of ucx-peer's stdout that is not a UCX log line (UCX logs to stdout);
+/// empty at end of file.
+pub fn peer_line(out: &mut impl BufRead) -> String {
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 || !line.contains(" UCX ") {
+            return line;
+        }
+        eprint!("(ucx-peer log) {line}");
+    }
 }
