@@ -38,8 +38,9 @@ pub struct ContextBuilder {
 
 impl ContextBuilder {
     /// Sets a UCX configuration variable without its `UCX_` prefix, e.g.
-    /// `config("TLS", "tcp")`, `config("NET_DEVICES", "veth0")`,
-    /// `config("TCP_CM_REUSEADDR", "y")`.
+    /// `config("TLS", "tcp")`, `config("NET_DEVICES", "veth0")`. Settings of UCT's
+    /// connection managers are not applied this way on 1.13 (`TCP_CM_REUSEADDR` is accepted
+    /// and ignored): set those in the environment (docs/ucx.md).
     pub fn config(mut self, name: &str, value: &str) -> Self {
         self.config.push((name.to_owned(), value.to_owned()));
         self
