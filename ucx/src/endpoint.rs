@@ -275,7 +275,12 @@ impl Drop for Endpoint {
         }
         let worker = Rc::downgrade(&self.worker);
         self.worker.defer_or_run(Box::new(move || {
-            let Some(w) = worker.upgrade() else { return };
+            let Some(w) = worker.upgrade() else {
+                // The worker is being destroyed and will destroy the endpoint with it; UCX may
+                // still hold the callback state's address until then: leak it (tiny, rare).
+                std::mem::forget(shared);
+                return;
+            };
             // SAFETY: zeroed params; mask names flags.
             let mut param: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
             param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
