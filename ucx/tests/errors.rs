@@ -238,3 +238,58 @@ fn restarted_listener_rebinds_with_reuseaddr() {
         "restart with UCX_TCP_CM_REUSEADDR=y"
     );
 }
+
+#[test]
+fn request_dropped_early_keeps_its_memory_until_complete() {
+    let mut child = Command::new(peer_exe())
+        .args(["recv", "127.0.0.1:0", "1"])
+        .env("UCX_TLS", "tcp")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ucx-peer");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let line = peer_line(&mut out);
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("listening")
+        .parse()
+        .unwrap();
+    let (ctx, worker) = tcp_context("dropper");
+    let ep =
+        Endpoint::connect_timeout(&worker, addr, Duration::from_secs(10), |_| {}).expect("connect");
+    let len = 8 << 20;
+    {
+        let region = MemoryRegion::allocate(&ctx, len).unwrap();
+        region.write(0, &pattern_vec(7, len));
+        let req = ep
+            .am_send(
+                1,
+                &header(len, 7),
+                Payload::Region(region.slice(0..len)),
+                Proto::Rndv,
+            )
+            .expect("send");
+        // The request is the region's last owner: dropping both must not unmap the memory
+        // while the receiver still pulls it.
+        drop(region);
+        drop(req);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(peer_line(&mut out));
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut said = None;
+    while said.is_none() && Instant::now() < deadline {
+        worker.wait(Duration::from_millis(50)).unwrap();
+        said = rx.try_recv().ok();
+    }
+    assert_eq!(
+        said.as_deref().map(str::trim),
+        Some("ok 8388608"),
+        "receiver's verdict"
+    );
+    ep.close(Duration::from_secs(5)).expect("close");
+    assert!(child.wait().unwrap().success());
+}
