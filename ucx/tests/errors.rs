@@ -293,3 +293,43 @@ fn request_dropped_early_keeps_its_memory_until_complete() {
     ep.close(Duration::from_secs(5)).expect("close");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn rejected_client_gets_an_error() {
+    // The listener's allow list refuses everybody: the client's connect must fail, not hang.
+    let (_ctx, worker) = tcp_context("gate");
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let s2 = seen.clone();
+    let listener = Listener::bind(&worker, "127.0.0.1:0".parse().unwrap(), move |req| {
+        s2.borrow_mut().push(req.peer_addr());
+        req.reject();
+    })
+    .expect("listen");
+    let addr = listener.local_addr().unwrap();
+    let mut client = Command::new(peer_exe())
+        .args(["send", &addr.to_string(), "100"])
+        .env("UCX_TLS", "tcp")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        worker.wait(Duration::from_millis(50)).unwrap();
+        if let Some(st) = client.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the rejected client hangs");
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut client.stderr.take().unwrap(), &mut err).unwrap();
+    eprintln!("rejected client: {status}, {}", err.trim());
+    assert!(!status.success());
+    assert!(err.contains("rejected by remote peer"), "{err}");
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].map(|a| a.ip().to_string()).as_deref(),
+        Some("127.0.0.1")
+    );
+}
