@@ -32,7 +32,9 @@ target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 sysroot=${AARCH64_SYSROOT:-$target_dir/aarch64-sysroot}
 # The arm64 packages whose .pc files and libraries the gstreamer-rs crates link against.
 # libgstrtspserver-1.0-dev: cli/ (bufshare rtsp) links gst-rtsp-server.
-arm64_packages=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev)
+# libucx-dev: ucx-sys/ links libucp/libuct/libucs/libucm (feature ucx); its committed bindings
+# were generated on x86_64, and bindgen's layout assertions in them now compile for arm64.
+arm64_packages=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev libucx-dev)
 host_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross pkg-config file)
 
 sudo=()
@@ -138,6 +140,14 @@ description=$(file -b "$plugin")
 echo "$description"
 if [[ "$description" != *"ARM aarch64"* ]]; then
   echo "check-aarch64.sh: $plugin is not an ARM aarch64 ELF" >&2
+  exit 1
+fi
+peer="$target_dir/$target/debug/ucx-peer"
+echo "==> file $peer (ucx-sys + ucx, linked against the arm64 libucp)"
+description=$(file -b "$peer")
+echo "$description"
+if [[ "$description" != *"ARM aarch64"* ]]; then
+  echo "check-aarch64.sh: $peer is not an ARM aarch64 ELF" >&2
   exit 1
 fi
 echo "==> aarch64 cross-build OK in $(($(date +%s) - start)) s"

@@ -15,6 +15,7 @@ packages=(
   libgstreamer1.0-dev
   libgstreamer-plugins-base1.0-dev
   libgstrtspserver-1.0-dev        # cli/: bufshare rtsp (gstreamer-rtsp-server)
+  libucx-dev                      # ucx-sys/, ucx/: cross-host transport (UCX 1.13, pkg-config ucx)
   # run: gst-launch-1.0 / gst-inspect-1.0, and the elements the demo, tests and benchmark use
   gstreamer1.0-tools
   gstreamer1.0-plugins-base       # videotestsrc, videoconvert, videoscale, appsrc/appsink
@@ -23,6 +24,8 @@ packages=(
   gstreamer1.0-plugins-ugly       # x264enc
   gstreamer1.0-libav              # avenc_aac/avdec_aac (planar audio), avdec_h264 (tests, README)
   gstreamer1.0-plugins-base-apps  # gst-discoverer-1.0 (demo summary)
+  # ucx/tests: the cross-namespace test runs its peers with ip netns exec over a veth pair
+  iproute2
   # tests: count the fds passed with SCM_RIGHTS (and scripts/profile-per-frame.sh: syscalls)
   strace
   # cli/tests: ffprobe counts the frames an RTSP client decodes
