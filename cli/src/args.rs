@@ -45,10 +45,12 @@ dump: one snapshot as text, or with --json as one JSON object: socket, protocol_
   bound), num_clients, consumers [client_id, pid, uid, name, frames, fps, held,
   max_inflight, skipped, releases, release_p50_ns, release_p99_ns (null: no release)].
 
-Exit status: 1 on a runtime error (rtsp: missing element, port in use; dump and top
-SOCKET: a socket that is missing, stale, not a socket, refused, of an older protocol, or
-silent for 3 s; ls: a directory that cannot be read, while stale or refused sockets are
-rows of its table; one line on stderr names the path and the cause), 2 on a usage error.";
+Exit status: 1 on a runtime error (rtsp: missing element, port in use; dump: a socket
+that is missing, stale, not a socket, refused, of an older protocol, or silent for 3 s;
+top: a SOCKET that is missing or not a socket, or a DIR it cannot read, while a stale,
+refused or silent producer is shown on its board; ls: a DIR that is missing or cannot be
+read, while stale or refused sockets are rows of its table; one line on stderr names the
+path and the cause), 2 on a usage error.";
 
 /// Defaults for the `rtsp` subcommand.
 pub const DEFAULT_PORT: u16 = 8554;
