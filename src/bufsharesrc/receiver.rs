@@ -182,7 +182,7 @@ impl Drop for ShareToken {
         st.settle(&roots);
         drop(st);
         drop(roots);
-        releaser.send(vec![frame_id]);
+        releaser.send(&[frame_id]);
     }
 }
 
@@ -215,9 +215,9 @@ impl Releaser {
     /// Sends RELEASE for `frame_ids`, on the thread that freed the frame.
     /// What cannot go now waits for the receiving thread, which is woken to
     /// retry it (and to report the error, if the producer is gone).
-    fn send(&self, frame_ids: Vec<u64>) {
+    fn send(&self, frame_ids: &[u64]) {
         self.held.fetch_sub(frame_ids.len(), Ordering::SeqCst);
-        if !matches!(self.send_release(&frame_ids), Ok(false)) {
+        if !matches!(self.send_release(frame_ids), Ok(false)) {
             self.waker.wake();
         }
     }
