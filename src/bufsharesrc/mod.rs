@@ -10,8 +10,9 @@
 use gst::glib;
 use gst::prelude::*;
 
-mod delivery;
+pub(crate) mod delivery;
 mod imp;
+pub(crate) use imp::OnDisconnect;
 pub mod receiver;
 mod stale;
 
