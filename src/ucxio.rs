@@ -15,6 +15,7 @@
 //! before sharing one): a memory tagged by memtag counts as checked for every bufshare
 //! element of the process, so `ucxsrc ! bufsharesink` can re-share it by fd as it is.
 
+use std::collections::hash_map::Entry;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,18 +168,16 @@ impl Regions {
         }
         let known = &self.queue.known;
         let mem_id = memtag::tag_memory(mem, &self.listener, |id| known.lock().unwrap().insert(id));
-        if !self.map.contains_key(&mem_id) {
-            match map_and_register(ctx, fd) {
-                Ok(m) => {
-                    self.map.insert(mem_id, m);
-                }
+        let m = match self.map.entry(mem_id) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => match map_and_register(ctx, fd) {
+                Ok(m) => v.insert(m),
                 Err(e) => {
                     *why = e;
                     return None;
                 }
-            }
-        }
-        let m = self.map.get(&mem_id).expect("inserted");
+            },
+        };
         let offset = mem.offset();
         let len = mem.size();
         if offset.checked_add(len).is_none_or(|end| end > m.len) {

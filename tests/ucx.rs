@@ -609,7 +609,8 @@ mod with_ucx {
         wait_listening(port);
         let ctx = ucx::Context::new().unwrap();
         let worker = ucx::Worker::new(&ctx).unwrap();
-        let got: Rc<RefCell<Vec<(Vec<u8>, Vec<u8>)>>> = Rc::default();
+        type Received = Rc<RefCell<Vec<(Vec<u8>, Vec<u8>)>>>;
+        let got: Received = Rc::default();
         let g = got.clone();
         worker
             .set_am_handler(ucxwire::AM_CTRL, move |m| {
@@ -836,9 +837,12 @@ mod with_ucx {
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
 
+    /// A namespace, its veth end and its address.
+    type Side = (String, String, &'static str);
+
     /// Two namespaces joined by a veth pair; None (with the reason printed) where they
     /// cannot be made.
-    fn netns_pair(tag: &str) -> Option<(Netns, [(String, String, &'static str); 2])> {
+    fn netns_pair(tag: &str) -> Option<(Netns, [Side; 2])> {
         let id = std::process::id() % 100_000;
         let sides = [
             (

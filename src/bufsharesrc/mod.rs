@@ -12,6 +12,7 @@ use gst::prelude::*;
 
 pub(crate) mod delivery;
 mod imp;
+#[cfg(feature = "ucx")]
 pub(crate) use imp::OnDisconnect;
 pub mod receiver;
 mod stale;
