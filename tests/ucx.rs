@@ -581,6 +581,54 @@ mod with_ucx {
         assert!(e.contains("no port"), "{e}");
     }
 
+    /// allowed-hosts: a receiver from an address not listed is rejected (its start fails
+    /// naming the rejection, the sink warns naming its address); listed, it is served.
+    #[test]
+    fn allowed_hosts_rejects_other_addresses() {
+        let _s = serial();
+        common::init();
+        for (allowed, ok) in [("10.9.9.9", false), ("10.9.9.9, 127.0.0.1", true)] {
+            let port = free_port();
+            let tx = gst::parse::launch(&format!(
+                "videotestsrc is-live=true ! video/x-raw,width=64,height=48 ! ucxsink address=127.0.0.1:{port} allowed-hosts=\"{allowed}\""
+            ))
+            .unwrap();
+            tx.set_state(gst::State::Playing).unwrap();
+            wait_listening(port);
+            let rx = format!("ucxsrc address=127.0.0.1:{port} timeout=10000 ! fakesink");
+            if ok {
+                let p = gst::parse::launch(&rx).unwrap();
+                assert!(
+                    p.set_state(gst::State::Paused).is_ok(),
+                    "allowed receiver refused"
+                );
+                p.set_state(gst::State::Null).unwrap();
+            } else {
+                let e = start_error(&rx);
+                eprintln!("{e}");
+                assert!(e.contains("rejected"), "{e}");
+                let warning = tx
+                    .bus()
+                    .unwrap()
+                    .timed_pop_filtered(
+                        gst::ClockTime::from_seconds(10),
+                        &[gst::MessageType::Warning],
+                    )
+                    .expect("no warning from the sink");
+                let gst::MessageView::Warning(w) = warning.view() else {
+                    unreachable!()
+                };
+                let text = w.error().to_string();
+                assert!(
+                    text.contains("refused a connection from 127.0.0.1")
+                        && text.contains("not in allowed-hosts"),
+                    "{text}"
+                );
+            }
+            tx.set_state(gst::State::Null).unwrap();
+        }
+    }
+
     /// A raw UCX peer speaking protocol version 99, both ways: the sink refuses it naming
     /// both versions; the source fails naming both.
     #[test]
