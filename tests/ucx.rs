@@ -373,6 +373,8 @@ mod with_ucx {
                 "8",
                 "--settle",
                 "1500",
+                "--stats-every",
+                "200",
             ],
         );
         wait_listening(port);
@@ -404,6 +406,15 @@ mod with_ucx {
         assert!(late.order[0] > 0, "the late receiver joined late");
         let stats = p.lines.iter().find(|l| l.starts_with("stats ")).unwrap();
         assert!(stats.contains("clients-timed-out=(guint64)1"), "{stats}");
+        // The stopped receiver filled its grant and got nothing more (latest wins).
+        let in_flight: Vec<u32> = p
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("client "))
+            .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("in-flight=")))
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(in_flight.iter().max(), Some(&8), "in flight: {in_flight:?}");
         assert_eq!(
             p.summary["memfds-after-stop"], "0",
             "frames kept after stop"
