@@ -640,6 +640,146 @@ mod with_ucx {
         }
     }
 
+    /// A raw sender whose CLOCK_MONOTONIC is 10 s ahead (its TIME answers say so): the
+    /// receiver measures the offset in the handshake and stamps the frame with the instant
+    /// it means on its own clock. Also: latency answered as the sender's plus an allowance.
+    #[test]
+    fn timestamps_follow_a_sender_clock_ten_seconds_ahead() {
+        use gstbufshare::clock::monotonic_now;
+        use gstbufshare::protocol::{self, Hello, Message, Role};
+        use gstbufshare::ucxwire;
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let _s = serial();
+        common::init();
+        const SKEW: u64 = 10_000_000_000;
+        let ctx = ucx::Context::new().unwrap();
+        let worker = ucx::Worker::new(&ctx).unwrap();
+        type Got = Rc<RefCell<Vec<(u16, Vec<u8>, Vec<u8>)>>>;
+        let got: Got = Rc::default();
+        for id in [ucxwire::AM_CTRL, ucxwire::AM_TIME] {
+            let g = got.clone();
+            worker
+                .set_am_handler(id, move |m| {
+                    g.borrow_mut().push((
+                        id,
+                        m.header().to_vec(),
+                        m.data().unwrap_or_default().to_vec(),
+                    ))
+                })
+                .unwrap();
+        }
+        let conns: Rc<RefCell<Vec<ucx::ConnRequest>>> = Rc::default();
+        let c = conns.clone();
+        let listener = ucx::Listener::bind(&worker, "127.0.0.1:0".parse().unwrap(), move |r| {
+            c.borrow_mut().push(r)
+        })
+        .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rx = std::thread::spawn(move || {
+            let (p, sink) = common::playing_into_appsink(
+                &format!("ucxsrc name=src address={addr} timeout=20000"),
+                "",
+            );
+            let sample = sink.try_pull_sample(gst::ClockTime::from_seconds(30));
+            let mut q = gst::query::Latency::new();
+            let answered = p
+                .by_name("src")
+                .unwrap()
+                .static_pad("src")
+                .unwrap()
+                .query(&mut q);
+            let base = p.base_time().unwrap();
+            p.set_state(gst::State::Null).unwrap();
+            let pts = sample.and_then(|s| s.buffer().and_then(|b| b.pts()));
+            (pts.map(|t| (t + base).nseconds()), answered, q.result())
+        });
+        assert!(worker
+            .wait_until(Duration::from_secs(30), || !conns.borrow().is_empty())
+            .unwrap());
+        let ep = conns.borrow_mut().pop().unwrap().accept(|_| {}).unwrap();
+        let send = |id: u16, header: Vec<u8>, payload: Vec<u8>| {
+            ep.am_send(id, &header, ucx::Payload::Bytes(payload), ucx::Proto::Eager)
+                .unwrap()
+                .wait(Duration::from_secs(20))
+                .unwrap();
+        };
+        let conn_id = 7;
+        send(
+            ucxwire::AM_CTRL,
+            ucxwire::conn_header(conn_id).to_vec(),
+            ucxwire::encode_ctrl(&ucxwire::hello(Role::Producer)),
+        );
+        // Answer every TIME request (5) with our clock 10 s ahead.
+        let mut answered = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while answered < 5 && Instant::now() < deadline {
+            let _ = worker.wait(Duration::from_millis(50));
+            let msgs: Vec<_> = got.borrow_mut().drain(..).collect();
+            for (id, h, d) in msgs {
+                if id == ucxwire::AM_TIME {
+                    let (asked, _) = ucxwire::decode_time(&d).unwrap();
+                    assert_eq!(ucxwire::split_header(&h).unwrap().0, conn_id);
+                    send(
+                        ucxwire::AM_TIME,
+                        ucxwire::conn_header(conn_id).to_vec(),
+                        ucxwire::encode_time(asked, monotonic_now() + SKEW),
+                    );
+                    answered += 1;
+                } else if let Ok((_, Message::Hello(h))) = ucxwire::decode_ctrl(&h, &d) {
+                    assert_eq!(
+                        h,
+                        Hello {
+                            version: protocol::VERSION,
+                            role: Role::Consumer,
+                            features: 0
+                        }
+                    );
+                }
+            }
+        }
+        assert_eq!(answered, 5, "the receiver asked the time {answered} times");
+        send(
+            ucxwire::AM_CTRL,
+            ucxwire::conn_header(conn_id).to_vec(),
+            ucxwire::encode_ctrl(&Message::Caps {
+                caps: "application/x-test".into(),
+                latency: 30_000_000,
+            }),
+        );
+        // A frame meant for 500 ms from now, on our (skewed) clock.
+        let meant = monotonic_now() + 500_000_000;
+        let mut frame = protocol::Frame {
+            frame_id: 1,
+            pts: meant + SKEW,
+            dts: protocol::NONE,
+            duration: protocol::NONE,
+            offset: 0,
+            offset_end: 1,
+            flags: 0,
+            memories: vec![],
+            metas: vec![],
+        };
+        ucxwire::describe_payload(&mut frame, 16);
+        let mut header = Vec::new();
+        ucxwire::encode_frame_header(conn_id, &frame, &mut header);
+        send(ucxwire::AM_FRAME, header, vec![7; 16]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rx.is_finished() && Instant::now() < deadline {
+            let _ = worker.wait(Duration::from_millis(50));
+        }
+        let (at, answered, (live, min, _)) = rx.join().unwrap();
+        let at = at.expect("no frame received");
+        let error = at.abs_diff(meant);
+        eprintln!("frame stamped {error} ns from the instant meant");
+        assert!(
+            error < 5_000_000,
+            "stamped {error} ns away from the instant meant"
+        );
+        assert!(answered && live);
+        assert!(min >= gst::ClockTime::from_mseconds(30), "latency {min}");
+    }
+
     /// A raw UCX peer speaking protocol version 99, both ways: the sink refuses it naming
     /// both versions; the source fails naming both.
     #[test]
