@@ -420,7 +420,13 @@ impl Io {
 
     /// Client mode: keeps one connection to the receiver at `address`.
     fn connect_out(&mut self) {
-        if self.cfg.mode != Mode::Client || !self.peers.is_empty() {
+        // After EOS there is nothing to send: no new connection until the next stream
+        // (reconnecting to a receiver that is shutting down races with UCX, docs/ucx.md).
+        if self.cfg.mode != Mode::Client
+            || !self.peers.is_empty()
+            || !self.closing.is_empty()
+            || self.eos
+        {
             return;
         }
         let now = Instant::now();
@@ -870,6 +876,7 @@ impl Io {
         }
         let was_ready = p.ready;
         drop(p);
+        self.retry_at = Instant::now() + RETRY_INTERVAL;
         if was_ready {
             self.notify_clients();
         }
@@ -896,6 +903,7 @@ impl Io {
             p.ep.flush().ok()
         };
         let was_ready = p.ready;
+        self.retry_at = Instant::now() + RETRY_INTERVAL;
         self.closing.push(Closing {
             ep: p.ep,
             req,
@@ -923,6 +931,10 @@ impl Io {
 
     fn shutdown(&mut self) {
         let deadline = Instant::now() + SHUTDOWN_LIMIT;
+        // No new receivers first (a listener destroyed while a connection request is on its
+        // way in crashed UCX 1.13: docs/ucx.md).
+        self.conns.borrow_mut().clear();
+        self.listener = None;
         // Let frames in flight reach the receivers (rendezvous needs them to pull).
         while !self.pending.is_empty() && Instant::now() < deadline {
             self.poll_sends();
@@ -939,7 +951,7 @@ impl Io {
         }
         self.closing.clear();
         self.pending.clear();
-        self.listener = None;
+        self.conns.borrow_mut().clear();
         self.publish();
     }
 }

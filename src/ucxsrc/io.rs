@@ -298,6 +298,12 @@ impl Io {
             let timeout = Duration::from_millis(if busy { 2 } else { 100 });
             ucxio::sleep(&self.worker, &self.shared.waker, timeout);
         }
+        // No new connections first, and let UCX finish those on their way in: destroying
+        // a listener while a connection request is in flight crashed UCX 1.13 (docs/ucx.md).
+        self.conns.borrow_mut().clear();
+        self._listener = None;
+        let _ = self.worker.wait_until(Duration::from_millis(100), || false);
+        self.conns.borrow_mut().clear();
         if let Some(c) = self.conn.take() {
             if c.ep.error().is_none() {
                 let _ = c.ep.close(Duration::from_millis(500));
