@@ -103,6 +103,25 @@ impl TimeMapCache {
     }
 }
 
+/// A buffer time as it goes on the wire: its running time in `segment` moved onto
+/// CLOCK_MONOTONIC by `map`; a time before the segment start (negative running time) becomes
+/// an instant before the base time; NONE without a segment, map or time. (What bufsharesink
+/// does inline; the UCX sink uses this.)
+pub fn to_wire(
+    segment: Option<&gst::FormattedSegment<gst::ClockTime>>,
+    map: Option<TimeMap>,
+    t: Option<gst::ClockTime>,
+) -> u64 {
+    let running = t.and_then(|t| segment?.to_running_time_full(t));
+    match (running, map) {
+        (Some(gst::Signed::Positive(rt)), Some(map)) => map.to_monotonic(rt.nseconds()),
+        (Some(gst::Signed::Negative(before)), Some(map)) => {
+            map.to_monotonic(0).saturating_sub(before.nseconds())
+        }
+        _ => crate::protocol::NONE,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,10 @@
 //! [`bufsharesink`] and [`bufsharesrc`] (the elements), [`pool`] (buffer pool
 //! over a memory backend), [`memtag`], [`metas`] and [`clock`] (helpers the
 //! elements share). Memory backends live in the `bufshare-backends` crate.
+//!
+//! With the cargo feature `ucx`: [`ucxsink`] and [`ucxsrc`], the same frames across hosts over
+//! UCX active messages ([`ucxwire`] is their pure wire format, always built; [`ucxio`] what
+//! their I/O threads share).
 
 use gst::glib;
 
@@ -20,10 +24,24 @@ pub mod metas;
 pub mod pool;
 pub mod protocol;
 pub mod transport;
+#[cfg(feature = "ucx")]
+pub mod ucxio;
+#[cfg(feature = "ucx")]
+pub mod ucxsink;
+#[cfg(feature = "ucx")]
+pub mod ucxsrc;
+pub mod ucxwire;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     bufsharesink::register(plugin)?;
     bufsharesrc::register(plugin)?;
+    // The cross-host pair only exists in builds with the `ucx` feature (docs/ucx.md says why
+    // it is not on by default).
+    #[cfg(feature = "ucx")]
+    {
+        ucxsink::register(plugin)?;
+        ucxsrc::register(plugin)?;
+    }
     Ok(())
 }
 

@@ -12,9 +12,13 @@
 //!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
 //!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
 //!                       [--frame-lines 0|1]
+//! (with --address HOST:PORT [--mode server|client] [--transports TLS]: ucxsink instead of
+//! bufsharesink, feature `ucx`)
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
 //!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N]
+//! (with --address HOST:PORT [--mode client|server] [--transports TLS]: ucxsrc instead of
+//! bufsharesrc, feature `ucx`)
 //! ```
 //!
 //! Report lines: `caps <caps>`, then `frame offset=.. sum=.. size=.. ino=.. kind=.. ro=.. clock=.. wall=.. fd=..`
@@ -250,13 +254,23 @@ fn produce(args: &Args) -> Result<(), String> {
     });
 
     let pipeline = gst::Pipeline::new();
-    let sink = gst::ElementFactory::make("bufsharesink")
-        .property("socket", &socket)
-        .property("max-inflight", args.num("max-inflight", 8) as u32)
-        .property("max-held", args.num("max-held", 0) as u32)
-        .property("client-timeout", args.num("client-timeout", 3000) as u32)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let sink = match args.0.get("address") {
+        // Across hosts: ucxsink (builds with the `ucx` feature).
+        Some(address) => gst::ElementFactory::make("ucxsink")
+            .property("address", address)
+            .property_from_str("mode", &args.str("mode", "server"))
+            .property("transports", args.str("transports", ""))
+            .property("max-inflight", args.num("max-inflight", 4) as u32)
+            .property("client-timeout", args.num("client-timeout", 3000) as u32)
+            .build(),
+        None => gst::ElementFactory::make("bufsharesink")
+            .property("socket", &socket)
+            .property("max-inflight", args.num("max-inflight", 8) as u32)
+            .property("max-held", args.num("max-held", 0) as u32)
+            .property("client-timeout", args.num("client-timeout", 3000) as u32)
+            .build(),
+    }
+    .map_err(|e| e.to_string())?;
     // Memory backend options map to the sink's properties of the same names.
     for prop in ["backend", "heap", "device"] {
         if let Some(v) = args.0.get(prop) {
@@ -843,16 +857,26 @@ fn consume(args: &Args) -> Result<(), String> {
     let socket = args.str("socket", "");
     let max_frames = args.num("max-frames", u64::MAX);
     let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("bufsharesrc")
-        .property("socket", &socket)
-        .property("timeout", args.num("timeout", 5000))
-        .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
-        // The harness ends with its producer's EOS in every mode unless told otherwise.
-        .property_from_str("on-eos", &args.str("on-eos", "forward"))
-        .property("reconnect-interval", args.num("reconnect-interval", 100))
-        .property("max-inflight", args.num("max-inflight", 0) as u32)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let src = match args.0.get("address") {
+        // Across hosts: ucxsrc (builds with the `ucx` feature).
+        Some(address) => gst::ElementFactory::make("ucxsrc")
+            .property("address", address)
+            .property_from_str("mode", &args.str("mode", "client"))
+            .property("transports", args.str("transports", ""))
+            .property("timeout", args.num("timeout", 5000))
+            .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
+            .build(),
+        None => gst::ElementFactory::make("bufsharesrc")
+            .property("socket", &socket)
+            .property("timeout", args.num("timeout", 5000))
+            .property_from_str("on-disconnect", &args.str("on-disconnect", "error"))
+            // The harness ends with its producer's EOS in every mode unless told otherwise.
+            .property_from_str("on-eos", &args.str("on-eos", "forward"))
+            .property("reconnect-interval", args.num("reconnect-interval", 100))
+            .property("max-inflight", args.num("max-inflight", 0) as u32)
+            .build(),
+    }
+    .map_err(|e| e.to_string())?;
     let tail = args.str("pipeline", "");
     if !tail.is_empty() {
         return consume_into(&pipeline, &src, &tail, &args.str("report", "-"));
@@ -915,10 +939,17 @@ fn consume(args: &Args) -> Result<(), String> {
             }
         }
     };
-    report.push(format!(
-        "summary reconnects={}",
+    let reconnects = if src.find_property("reconnects").is_some() {
         src.property::<u64>("reconnects")
-    ));
+    } else {
+        // ucxsrc: connections made, less the first.
+        let stats = src.property::<gst::Structure>("stats");
+        stats
+            .get::<u64>("connections")
+            .unwrap_or(0)
+            .saturating_sub(1)
+    };
+    report.push(format!("summary reconnects={reconnects}"));
     drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(&args.str("report", "-"));
@@ -977,7 +1008,7 @@ fn main() {
     let Some(mode) = argv.get(1) else { usage() };
     let args = Args::parse(&argv[2..]);
     SUM_BYTES.store(args.num("sum-bytes", 0) as usize, Ordering::Relaxed);
-    if args.str("socket", "").is_empty() {
+    if args.str("socket", "").is_empty() && args.str("address", "").is_empty() {
         usage();
     }
     let result = match mode.as_str() {

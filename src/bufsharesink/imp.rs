@@ -419,7 +419,7 @@ fn publish_backend(state: &Started) {
 
 /// The video info of raw video caps with a real format and a size; None for
 /// anything else (encoded video, images, audio, ...), which gets no pool.
-fn raw_video_info(caps: &gst::CapsRef) -> Option<gst_video::VideoInfo> {
+pub(crate) fn raw_video_info(caps: &gst::CapsRef) -> Option<gst_video::VideoInfo> {
     let s = caps.structure(0)?;
     if s.name() != "video/x-raw" {
         return None;

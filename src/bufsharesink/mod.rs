@@ -14,6 +14,8 @@ use gst::prelude::*;
 pub mod backend;
 pub mod fanout;
 mod imp;
+#[cfg(feature = "ucx")]
+pub(crate) use imp::raw_video_info;
 pub mod server;
 pub mod stats;
 

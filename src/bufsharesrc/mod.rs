@@ -10,8 +10,10 @@
 use gst::glib;
 use gst::prelude::*;
 
-mod delivery;
+pub(crate) mod delivery;
 mod imp;
+#[cfg(feature = "ucx")]
+pub(crate) use imp::OnDisconnect;
 pub mod receiver;
 mod stale;
 
