@@ -26,6 +26,40 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use crate::memtag::{self, ForgetListener};
 use crate::transport::unix::{wait_pair, Waker};
 
+/// Starts the element's I/O thread `name`: `setup` builds its state on the thread itself (UCX
+/// objects stay on the thread that made them), then `run` runs it. Returns once setup is
+/// done, with setup's error if it failed.
+pub fn spawn_io_thread<T>(
+    name: &str,
+    setup: impl FnOnce() -> Result<T, String> + Send + 'static,
+    run: impl FnOnce(T) + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match setup() {
+            Ok(state) => {
+                let _ = tx.send(Ok(()));
+                run(state);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
+    let started = match rx.recv() {
+        Ok(result) => result,
+        Err(_) => Err("the I/O thread ended at start".into()),
+    };
+    match started {
+        Ok(()) => Ok(thread),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
 /// A UCX context for an element: `transports` (UCX_TLS syntax, empty = UCX chooses) on top
 /// of the process's `UCX_*` environment.
 pub fn context(name: &str, transports: &str) -> ucx::Result<ucx::Context> {

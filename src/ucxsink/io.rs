@@ -152,29 +152,16 @@ impl Server {
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         });
-        let (tx, rx) = std::sync::mpsc::channel();
         let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ucxsink-io".into())
-            .spawn(move || match Io::new(cfg, sh, element) {
-                Ok(mut io) => {
-                    let _ = tx.send(Ok(()));
-                    io.run();
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            })
-            .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
-        let server = Server {
+        let thread = crate::ucxio::spawn_io_thread(
+            "ucxsink-io",
+            move || Io::new(cfg, sh, element),
+            |mut io| io.run(),
+        )?;
+        Ok(Server {
             shared,
             thread: Some(thread),
-        };
-        match rx.recv() {
-            Ok(Ok(())) => Ok(server),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err("the I/O thread ended at start".into()),
-        }
+        })
     }
 
     pub fn set_caps(&self, caps: String, latency: u64) {

@@ -128,29 +128,16 @@ impl Receiver {
             status: Mutex::new(Status::default()),
             status_cond: Condvar::new(),
         });
-        let (tx, rx) = std::sync::mpsc::channel();
         let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ucxsrc-io".into())
-            .spawn(move || match Io::new(cfg, sh) {
-                Ok(mut io) => {
-                    let _ = tx.send(Ok(()));
-                    io.run();
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            })
-            .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
-        let r = Receiver {
+        let thread = crate::ucxio::spawn_io_thread(
+            "ucxsrc-io",
+            move || Io::new(cfg, sh),
+            |mut io| io.run(),
+        )?;
+        Ok(Receiver {
             shared,
             thread: Some(thread),
-        };
-        match rx.recv() {
-            Ok(Ok(())) => Ok(r),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err("the I/O thread ended at start".into()),
-        }
+        })
     }
 }
 
