@@ -555,9 +555,21 @@ pub fn report(saved: &Saved) -> String {
         let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
         // A live source caps the rate at 30 fps: there only the CPU counts.
         let verdict = match (rate, cpu) {
-            (_, None) | (None, _) => "-",
-            (Some(r), Some(c)) if (live || r >= 1.5) && c < 1.0 => "met",
-            _ => "missed",
+            (_, None) | (None, _) => "-".to_string(),
+            (Some(r), Some(c)) => {
+                let mut missed = Vec::new();
+                if !live && r < 1.5 {
+                    missed.push(format!("rate {r:.3}x < 1.5x"));
+                }
+                if c >= 1.0 {
+                    missed.push("CPU per frame not lower".to_string());
+                }
+                if missed.is_empty() {
+                    "met".to_string()
+                } else {
+                    format!("missed ({})", missed.join(", "))
+                }
+            }
         };
         let _ = writeln!(out, "| {name} | {} | {} | {verdict} |", fmt(rate), fmt(cpu));
     }
@@ -610,6 +622,8 @@ pub mod tests {
                 row(Link::TcpGdp, true, 1920, 1080, 30, 1000),
                 row(Link::Ucx, false, 1920, 1080, 300, 2000),
                 row(Link::TcpGdp, false, 1920, 1080, 100, 4000),
+                row(Link::Ucx, false, 640, 480, 120, 900),
+                row(Link::TcpGdp, false, 640, 480, 100, 800),
             ],
         };
         let t = report(&saved);
