@@ -1,6 +1,6 @@
 //! Part 3, cross-host: sender and receiver in two network namespaces joined
-//! by a veth pair (made by the bench for the run, unique names, always
-//! deleted), separate processes, over three transports:
+//! by a veth pair (made by the bench for the run, unique names, deleted at
+//! the end, or by the next run if this one was killed), separate processes, over three transports:
 //!
 //! | transport | sender | receiver |
 //! |---|---|---|
@@ -157,6 +157,32 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Namespaces of this bench are named `bsbench<pid>-...`.
+const NS_PREFIX: &str = "bsbench";
+
+/// Deletes the namespaces of earlier runs whose bench is gone (killed before
+/// it could delete them).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "bufshare-bench" {
+            eprintln!("part 3: deleting {name}, left by an earlier run");
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
 impl Netns {
     fn new() -> Result<Netns, String> {
         let id = std::process::id() % 100_000;
@@ -165,10 +191,14 @@ impl Netns {
             .map(|d| d.subsec_nanos() % 1000)
             .unwrap_or(0);
         let tag = format!("{id}n{nanos}");
+        let pid = std::process::id();
+        remove_stale();
         let mut n = Netns {
+            // The namespaces carry the whole pid (for remove_stale), the veth
+            // ends (15 characters at most) a shorter tag.
             sides: [
-                (format!("bsbench{tag}s"), format!("bb{tag}s")),
-                (format!("bsbench{tag}r"), format!("bb{tag}r")),
+                (format!("{NS_PREFIX}{pid}-{tag}s"), format!("bb{tag}s")),
+                (format!("{NS_PREFIX}{pid}-{tag}r"), format!("bb{tag}r")),
             ],
             made: Vec::new(),
         };
