@@ -26,6 +26,10 @@
 //!   (no pixel generation), one consumer, sync=false, at 640x480, 1080p and
 //!   4K, bufshare and shm: frames per second received and CPU per frame of
 //!   both processes.
+//! - Part 3, cross-host (part3.rs): sender and receiver in two network
+//!   namespaces joined by a veth pair, over ucxsink/ucxsrc, tcp+gdp and
+//!   RTP (RFC 4175) over UDP: live 1080p30 (frames, CPU per frame per side,
+//!   latency) and the highest rate of one link at three sizes.
 //!
 //! The bench does not link the plugin: children find it via GST_PLUGIN_PATH.
 //! unixfd children may run on another GStreamer install (gstprefix.rs). The
@@ -44,6 +48,7 @@ mod gstprefix;
 mod measure;
 mod part1;
 mod part2;
+mod part3;
 mod plots;
 mod results;
 mod roles;
@@ -68,7 +73,7 @@ const RUN_OVERHEAD_S: f64 = 0.5;
 
 const USAGE: &str = "\
 usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
-                      [--quick] [--only bufshare,shm,unixfd,tee] [--part 1|2]
+                      [--quick] [--only bufshare,shm,unixfd,tee] [--part 1|2|3]
                       [--plugin-dir DIR] [--plots DIR]
        bufshare-bench --plot-from FILE [--plots DIR]
 
@@ -81,7 +86,14 @@ usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
   --quick            smoke test: 2 s runs, 1 round, 1 and 3 consumers at
                      320x240, 4 at 1080p
   --only LIST        transports to measure (comma-separated)
-  --part 1|2         run only part 1 (fan-out) or part 2 (link rate)
+  --part 1|2|3       run only part 1 (fan-out), part 2 (link rate) or part 3
+                     (cross-host: two network namespaces joined by a veth
+                     pair, made and deleted by the bench, so it needs root;
+                     ucxsink/ucxsrc vs tcpserversink+gdppay vs rtpvrawpay over
+                     UDP, live 1080p30 for --seconds and the link rate for
+                     --rate-seconds). Part 3 needs the plugin built with UCX:
+                     cargo build --release -p gst-plugin-bufshare --features ucx
+                     (skipped, saying why, without it or without namespaces)
   --plugin-dir DIR   directory holding libgstbufshare.so
                      (default: the directory of this executable)
   --plots DIR        where to write results.json (every run's figures and
@@ -93,7 +105,8 @@ usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
 
 charts (fonts: DejaVu Sans, Debian package fonts-dejavu-core, or the TTF file
 in BUFSHARE_BENCH_FONT): cpu-vs-consumers.png, cpu-vs-size.png,
-latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2)
+latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2);
+part 3 has tables only
 
 environment:
   BUFSHARE_BENCH_GST_PREFIX=DIR   install prefix of a GStreamer >= 1.24 that
@@ -123,7 +136,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut warmup = None;
     let mut rounds = None;
     let mut transports = Transport::ALL.to_vec();
-    let mut parts = vec![1, 2];
+    let mut parts = vec![1, 2, 3];
     let mut plugin_dir = None;
     let mut plots = PathBuf::from(DEFAULT_PLOTS_DIR);
     let mut plot_from = None;
@@ -160,7 +173,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                 parts = match it.next().map(String::as_str) {
                     Some("1") => vec![1],
                     Some("2") => vec![2],
-                    _ => return Err("--part needs 1 or 2".into()),
+                    Some("3") => vec![3],
+                    _ => return Err("--part needs 1, 2 or 3".into()),
                 }
             }
             "--plugin-dir" => {
@@ -369,10 +383,20 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
     } else {
         0
     };
+    let part3_links = if opts.parts.contains(&3) {
+        part3::Link::ALL.len()
+    } else {
+        0
+    };
+    let part3_runs = part3::runs(part3_links);
     let estimate = part1_runs as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
-        + part2_runs as f64 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S);
+        + part2_runs as f64 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S)
+        + (part3_links as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
+            + (part3_runs - part3_links) as f64
+                * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S));
     eprintln!(
-        "bufshare-bench: {part1_runs} part 1 runs, {part2_runs} part 2 runs: about {:.0} min",
+        "bufshare-bench: {part1_runs} part 1 runs, {part2_runs} part 2 runs, \
+         {part3_runs} part 3 runs: about {:.0} min",
         estimate / 60.0
     );
 
@@ -382,6 +406,7 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
         part1::Saved::new(&results, &settings)
     });
     let part2 = (part2_runs > 0).then(|| part2::run(&ctx, &link_transports, &mut errors));
+    let part3 = (part3_runs > 0).then(|| part3::run(&ctx, &mut errors));
 
     let unixfd = if let Some(source) = unixfd_source {
         Some(source)
@@ -409,6 +434,7 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
         },
         part1,
         part2,
+        part3,
         errors,
     };
     if !saved.errors.is_empty() {
@@ -485,6 +511,9 @@ mod tests {
         assert_eq!(o.plots, Path::new("/tmp/p"));
         assert_eq!(o.plot_from.as_deref(), Some(Path::new("r.json")));
         assert!(parse(&["--plots"]).unwrap_err().contains("--plots needs"));
+        assert_eq!(parse(&[]).unwrap().parts, vec![1, 2, 3]);
+        assert_eq!(parse(&["--part", "3"]).unwrap().parts, vec![3]);
+        assert!(parse(&["--part", "4"]).is_err());
         assert!(parse(&["--plot-from"])
             .unwrap_err()
             .contains("--plot-from needs"));

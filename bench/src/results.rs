@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{part1, part2};
+use crate::{part1, part2, part3};
 
 /// Bumped when a change makes older files unreadable.
 pub const FORMAT: u32 = 1;
@@ -42,6 +42,9 @@ pub struct Saved {
     pub meta: Meta,
     pub part1: Option<part1::Saved>,
     pub part2: Option<Vec<part2::LinkRow>>,
+    /// Absent from files of bench versions without part 3.
+    #[serde(default)]
+    pub part3: Option<part3::Saved>,
     /// Errors of failed runs (their rows are absent or marked).
     pub errors: Vec<String>,
 }
@@ -97,6 +100,13 @@ impl Saved {
                 m.rate_seconds, m.warmup
             );
         }
+        if self.part3.is_some() {
+            let _ = writeln!(
+                out,
+                "- part 3: {} s live runs, {} s link-rate runs, each after a {} s warm-up",
+                m.seconds, m.rate_seconds, m.warmup
+            );
+        }
         match &m.plugin {
             Ok(file) => {
                 let _ = writeln!(out, "- bufshare plugin: {file}");
@@ -115,6 +125,9 @@ impl Saved {
         }
         if let Some(rows) = &self.part2 {
             out.push_str(&part2::report(rows));
+        }
+        if let Some(p3) = &self.part3 {
+            out.push_str(&part3::report(p3));
         }
         if !self.errors.is_empty() {
             let _ = writeln!(out, "## Errors\n");
@@ -172,6 +185,7 @@ pub mod tests {
             },
             part1: Some(part1::Saved::new(&results, &settings)),
             part2: Some(crate::part2::tests::fake()),
+            part3: Some(crate::part3::tests::fake()),
             errors: vec!["round 1/2: 320x240 shm x3: it failed".into()],
         }
     }
@@ -185,6 +199,7 @@ pub mod tests {
         let again = Saved::read(&path).unwrap();
         assert_eq!(again.meta, saved.meta);
         assert_eq!(again.part2, saved.part2);
+        assert_eq!(again.part3, saved.part3);
         let report = saved.report(None).unwrap();
         assert_eq!(again.report(None).unwrap(), report);
         for part in [
@@ -192,6 +207,7 @@ pub mod tests {
             "- part 1: 2 round(s) of 2 s runs, each after a 1 s warm-up",
             "## Part 1: fan-out",
             "## Part 2: highest rate of one link",
+            "## Part 3: cross-host",
             "## Errors\n\n- round 1/2: 320x240 shm x3: it failed",
         ] {
             assert!(report.contains(part), "{part:?} not in\n{report}");

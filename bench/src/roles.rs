@@ -13,7 +13,7 @@
 //!   `read0`, ... and records `now - stamp` as a latency sample;
 //! - `feed` (an appsrc): a thread pushes clones of 8 prepared frames as fast as
 //!   downstream takes them, counted as `produced` (see `--width`, `--height`,
-//!   `--fd-memory`).
+//!   `--fd-memory`, `--i420`).
 //!
 //! Protocol with the orchestrator, one line each way:
 //! - child -> parent (stdout): `READY` once the pipeline is PLAYING, then at
@@ -49,6 +49,8 @@ struct ChildArgs {
     width: u32,
     height: u32,
     fd_memory: bool,
+    /// The feed's frames are I420 instead of NV12 (same size; for rtpvrawpay).
+    i420: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<ChildArgs, String> {
@@ -60,6 +62,7 @@ fn parse_args(args: &[String]) -> Result<ChildArgs, String> {
         width: 0,
         height: 0,
         fd_memory: false,
+        i420: false,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
@@ -68,6 +71,7 @@ fn parse_args(args: &[String]) -> Result<ChildArgs, String> {
             "--width" => out.width = value()?.parse().map_err(|e| format!("--width: {e}"))?,
             "--height" => out.height = value()?.parse().map_err(|e| format!("--height: {e}"))?,
             "--fd-memory" => out.fd_memory = true,
+            "--i420" => out.i420 = true,
             other => return Err(format!("unknown child option {other}")),
         }
     }
@@ -304,7 +308,7 @@ fn setup_feed(
         return Err("an appsrc named feed needs --width and --height".into());
     }
     let caps = gst::Caps::builder("video/x-raw")
-        .field("format", "NV12")
+        .field("format", if args.i420 { "I420" } else { "NV12" })
         .field("width", args.width as i32)
         .field("height", args.height as i32)
         .field("framerate", gst::Fraction::new(30, 1))

@@ -116,16 +116,40 @@ impl Fleet {
         pipeline: &str,
         extra: &[String],
     ) -> Result<ChildId, String> {
+        self.spawn_in(label, role, pipeline, extra, None, &[])
+    }
+
+    /// Like `spawn`, with the child in network namespace `netns` (run through
+    /// `ip netns exec`, which execs it: the child's parent is still this
+    /// process) and `env` on top of the fleet's environment.
+    pub fn spawn_in(
+        &mut self,
+        label: &str,
+        role: &str,
+        pipeline: &str,
+        extra: &[String],
+        netns: Option<&str>,
+        env: &[(OsString, OsString)],
+    ) -> Result<ChildId, String> {
         let log = self.log_dir.join(format!("{label}.log"));
         let log_file =
             std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut process = Command::new(&self.exe)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let mut process = command
             .arg("__child")
             .arg(role)
             .arg("--pipeline")
             .arg(pipeline)
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("BUFSHARE_BENCH_PARENT", std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
