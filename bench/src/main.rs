@@ -54,6 +54,7 @@ mod results;
 mod roles;
 mod runner;
 mod scenarios;
+mod wakefloor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -287,6 +288,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("__child") => return ExitCode::from(roles::child_main(&args[1..]) as u8),
         Some("__probe") => return ExitCode::from(gstprefix::probe_main(&args[1..]) as u8),
+        Some("__wake") => return ExitCode::from(wakefloor::child_main() as u8),
         _ => {}
     }
     let opts = match parse_options(&args) {
@@ -389,7 +391,10 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
         0
     };
     let part3_runs = part3::runs(part3_links);
+    // Part 1 also measures the wake-up floor once per round, for --seconds.
+    let part1_floor = if part1_runs > 0 { opts.rounds } else { 0 };
     let estimate = part1_runs as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
+        + part1_floor as f64 * (opts.seconds + RUN_OVERHEAD_S)
         + part2_runs as f64 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S)
         + (part3_links as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
             + (part3_runs - part3_links) as f64

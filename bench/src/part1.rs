@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::measure::{median, percentile};
 use crate::scenarios::{self, Context, Outcome, Size, Transport, FANOUT_SIZES};
+use crate::wakefloor;
 
 /// Consumer counts the CPU targets are judged at.
 const TARGET_COUNTS: [usize; 3] = [1, 3, 8];
@@ -50,6 +51,8 @@ const UNIXFD_LIMIT: f64 = 0.5;
 /// The latency target: p99 under this at 1080p30 with `LATENCY_COUNT` consumers.
 const LATENCY_LIMIT_US: f64 = 300.0;
 pub const LATENCY_COUNT: usize = 4;
+/// The frame rate of the latency target (1080p30), for the wake-up floor.
+const FLOOR_FPS: u32 = 30;
 /// A consumer that received fewer than produced minus both of these lost frames.
 const LOSS_FRAMES: u64 = 3;
 const LOSS_FRACTION: f64 = 0.01;
@@ -159,6 +162,9 @@ pub struct Results {
     /// The sizes measured; keys index into it.
     sizes: Vec<Size>,
     samples: BTreeMap<Key, Vec<Option<Sample>>>,
+    /// The machine's wake-up floor (wakefloor.rs), every round pooled, ns,
+    /// ascending; empty when not measured.
+    wake_floor_ns: Vec<u64>,
 }
 
 impl Results {
@@ -235,6 +241,7 @@ pub fn run(ctx: &Context, settings: &Settings, errors: &mut Vec<String>) -> Resu
         rounds: settings.rounds,
         sizes: FANOUT_SIZES.to_vec(),
         samples: BTreeMap::new(),
+        wake_floor_ns: Vec::new(),
     };
     let total = settings.runs();
     let mut done = 0;
@@ -272,7 +279,27 @@ pub fn run(ctx: &Context, settings: &Settings, errors: &mut Vec<String>) -> Resu
                 }
             }
         }
+        eprint!(
+            "part 1 round {}/{}: wake-up floor, {LATENCY_COUNT} processes at {FLOOR_FPS} fps ({} s)...",
+            round + 1,
+            settings.rounds,
+            ctx.seconds
+        );
+        match wakefloor::measure(LATENCY_COUNT, FLOOR_FPS, ctx.seconds) {
+            Ok(samples) => {
+                eprintln!(
+                    " p99 {} µs",
+                    percentile(&samples, 99.0).map_or(0, |p| p / 1000)
+                );
+                results.wake_floor_ns.extend(samples);
+            }
+            Err(e) => {
+                eprintln!(" failed");
+                errors.push(format!("wake-up floor, round {}: {e}", round + 1));
+            }
+        }
     }
+    results.wake_floor_ns.sort_unstable();
     results
 }
 
@@ -354,8 +381,50 @@ pub fn report(results: &Results, settings: &Settings) -> String {
         "- {}",
         ratio_target(results, settings, Transport::Unixfd, UNIXFD_LIMIT)
     );
-    let _ = writeln!(out, "- {}\n", latency_target(results, settings));
+    let _ = writeln!(out, "- {}", latency_target(results, settings));
+    let _ = writeln!(out, "- {}\n", wake_floor_line(results));
     out
+}
+
+/// The machine's wake-up floor next to the transports' p99 at the latency
+/// target's count: what no transport can go below on this machine.
+fn wake_floor_line(results: &Results) -> String {
+    let head = format!(
+        "wake-up floor of this machine, same run: {LATENCY_COUNT} bare processes woken \
+         through a pipe at {FLOOR_FPS} fps (no GStreamer, no transport)"
+    );
+    let floor = &results.wake_floor_ns;
+    let (Some(p50), Some(p99)) = (percentile(floor, 50.0), percentile(floor, 99.0)) else {
+        return format!("{head}: not measured");
+    };
+    let mut line = format!(
+        "{head}: p50 {} µs, p99 {} µs, {} wake-ups",
+        p50 / 1000,
+        p99 / 1000,
+        floor.len()
+    );
+    let at_target: Vec<String> = results
+        .sizes
+        .iter()
+        .position(|s| s.height == 1080)
+        .map(|si| {
+            Transport::ALL
+                .into_iter()
+                .filter_map(|t| {
+                    let lat = results.latencies((si, t, LATENCY_COUNT));
+                    percentile(&lat, 99.0).map(|p| format!("{} {} µs", t.name(), p / 1000))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !at_target.is_empty() {
+        let _ = write!(
+            line,
+            "; p99 render -> push at 1080p30 x{LATENCY_COUNT}: {}",
+            at_target.join(", ")
+        );
+    }
+    line
 }
 
 fn size_table(out: &mut String, results: &Results, settings: &Settings, si: usize, size: Size) {
@@ -592,6 +661,9 @@ pub struct Saved {
     pub rounds: usize,
     /// One entry per size, transport and consumer count (0: the baseline).
     pub runs: Vec<SavedRuns>,
+    /// The wake-up floor's samples, ns (absent in older results).
+    #[serde(default)]
+    pub wake_floor_ns: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -618,6 +690,7 @@ impl Saved {
                     rounds: rounds.clone(),
                 })
                 .collect(),
+            wake_floor_ns: results.wake_floor_ns.clone(),
         }
     }
 
@@ -627,6 +700,7 @@ impl Saved {
             rounds: self.rounds,
             sizes: Vec::new(),
             samples: BTreeMap::new(),
+            wake_floor_ns: self.wake_floor_ns.clone(),
         };
         for run in &self.runs {
             if run.rounds.len() != self.rounds {
@@ -687,6 +761,7 @@ pub mod tests {
             rounds,
             sizes: FANOUT_SIZES.to_vec(),
             samples: BTreeMap::new(),
+            wake_floor_ns: (0..120).map(|i| 20_000 + i * 3_000).collect(),
         };
         for (si, &size) in FANOUT_SIZES.iter().enumerate() {
             let frames = 2 * size.fps as u64;
@@ -728,6 +803,11 @@ pub mod tests {
         // The fake's figures: shm failed once at 3 consumers, unixfd is unavailable.
         assert!(before.contains("shm (failed in 1 of 3 rounds)"), "{before}");
         assert!(before.contains("| unixfd | - | not installed"), "{before}");
+        // The fake floor: 120 wake-ups of 20..377 µs, nearest rank.
+        assert!(
+            before.contains("p50 197 µs, p99 374 µs, 120 wake-ups; p99 render -> push"),
+            "{before}"
+        );
     }
 
     #[test]
