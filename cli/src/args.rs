@@ -8,7 +8,7 @@ pub const USAGE: &str = "\
 Usage: bufshare rtsp --socket SOCKET --path /PATH [--socket SOCKET2 --path /PATH2 ...]
                      [--port PORT] [--address ADDRESS] [--encoder \"ELEMENT [PROP=VALUE ...]\"]
        bufshare ls [DIR...]
-       bufshare top [SOCKET|DIR...]
+       bufshare top [-b] [-n COUNT] [SOCKET|DIR...]
        bufshare dump [--json] SOCKET
 
 rtsp: serves each bufshare producer socket as H.264 over RTSP at rtsp://ADDRESS:PORT/PATH.
@@ -39,7 +39,9 @@ top: a view redrawn every second: per producer its frame rate, frames held of it
   process name), UID, FRAMES, FPS, HELD (of its max-inflight), SKIPPED (frames it missed:
   latest wins), REL-P50 and REL-P99 (time from sending a frame to its release, over the
   last second). Producers that go away are shown as gone, new sockets in DIR are picked
-  up. q or Ctrl-C quits.
+  up. q or Ctrl-C quits. When standard output is not a terminal, or with -b (batch), each
+  refresh is printed as plain text after the previous one, with no screen control codes.
+  -n COUNT stops after COUNT refreshes (e.g. bufshare top -b -n 1 for one snapshot of all).
 dump: one snapshot as text, or with --json as one JSON object: socket, protocol_version,
   time_ns, interval_ns, eos, caps, backend, frames, fps, copies, held, max_held (0: no
   bound), num_clients, consumers [client_id, pid, uid, name, frames, fps, held,
@@ -78,6 +80,11 @@ pub struct LsArgs {
 pub struct TopArgs {
     /// Empty: the default directory.
     pub targets: Vec<String>,
+    /// Plain text snapshots one after the other, not a redrawn screen (`-b`; also
+    /// whenever standard output is not a terminal).
+    pub batch: bool,
+    /// Stop after this many refreshes (`-n COUNT`); `None`: until quit.
+    pub iterations: Option<u32>,
 }
 
 /// `bufshare dump [--json] SOCKET`
@@ -136,7 +143,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             }
             match cmd {
                 "ls" => positional(args, "ls").map(|dirs| Command::Ls(LsArgs { dirs })),
-                "top" => positional(args, "top").map(|targets| Command::Top(TopArgs { targets })),
+                "top" => parse_top(args),
                 _ => parse_dump(args),
             }
         }
@@ -159,6 +166,48 @@ fn positional(args: Vec<String>, cmd: &str) -> Result<Vec<String>, UsageError> {
         }
     }
     Ok(paths)
+}
+
+fn parse_top(args: Vec<String>) -> Result<Command, UsageError> {
+    let mut batch = false;
+    let mut iterations = None;
+    let mut rest = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-b" | "--batch" => batch = true,
+            "-n" | "--iterations" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| usage_err(format!("{arg} needs a COUNT")))?;
+                iterations = Some(parse_count(&arg, &value)?);
+            }
+            a if a.starts_with("--iterations=") => {
+                iterations = Some(parse_count("--iterations", &a["--iterations=".len()..])?)
+            }
+            "--" => {
+                rest.push(arg);
+                rest.extend(args.by_ref());
+            }
+            _ => rest.push(arg),
+        }
+    }
+    let targets = positional(rest, "top")?;
+    Ok(Command::Top(TopArgs {
+        targets,
+        batch,
+        iterations,
+    }))
+}
+
+/// A refresh count: a whole number of at least 1.
+fn parse_count(option: &str, value: &str) -> Result<u32, UsageError> {
+    match value.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(usage_err(format!(
+            "{option} takes a count of at least 1, not '{value}'"
+        ))),
+    }
 }
 
 fn parse_dump(args: Vec<String>) -> Result<Command, UsageError> {
@@ -347,7 +396,25 @@ mod tests {
         assert_eq!(
             p(&["top", "/a.sock", "--", "-odd"]),
             Ok(Command::Top(TopArgs {
-                targets: vec!["/a.sock".into(), "-odd".into()]
+                targets: vec!["/a.sock".into(), "-odd".into()],
+                batch: false,
+                iterations: None,
+            }))
+        );
+        assert_eq!(
+            p(&["top", "-b", "-n", "3", "/d"]),
+            Ok(Command::Top(TopArgs {
+                targets: vec!["/d".into()],
+                batch: true,
+                iterations: Some(3),
+            }))
+        );
+        assert_eq!(
+            p(&["top", "--iterations=1", "--", "-b"]),
+            Ok(Command::Top(TopArgs {
+                targets: vec!["-b".into()],
+                batch: false,
+                iterations: Some(1),
             }))
         );
         assert_eq!(
@@ -371,6 +438,10 @@ mod tests {
             &["dump", "--yaml", "/a"],
             &["ls", "--all"],
             &["top", "-d", "1"],
+            &["top", "-n"],
+            &["top", "-n", "0"],
+            &["top", "-n", "x"],
+            &["top", "--iterations=-1"],
             &["ls", ""],
         ] {
             assert!(p(bad).is_err(), "{bad:?} accepted");

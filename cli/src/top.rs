@@ -7,6 +7,11 @@
 //! and SIGHUP too). Producers that go away stay on the board as gone; a socket removed from a
 //! scanned directory leaves the board [`FORGET_AFTER`] later. A SOCKET argument that is
 //! missing or not a socket ends `top` at start with one line and status 1.
+//!
+//! On a terminal the board is cut to the window's height (a last line says how many lines did
+//! not fit). When standard output is not a terminal, or with `-b`, there is no screen: each
+//! refresh is printed as plain text after the previous one, headed by the time, like
+//! `top -b`; `-n COUNT` stops after COUNT refreshes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -124,7 +129,15 @@ struct Terminal {
 }
 
 impl Terminal {
-    fn setup() -> Terminal {
+    /// `screen`: take over the screen (raw keys, alternate screen); false in batch mode,
+    /// where the keyboard is left alone (q then needs Enter; Ctrl-C works as usual).
+    fn setup(screen: bool) -> Terminal {
+        if !screen {
+            return Terminal {
+                saved: None,
+                screen: false,
+            };
+        }
         // SAFETY: isatty/tcgetattr/tcsetattr on fds 0 and 1 with a termios we own.
         let saved = unsafe {
             if libc::isatty(0) == 1 {
@@ -143,8 +156,6 @@ impl Terminal {
                 None
             }
         };
-        // SAFETY: isatty on fd 1.
-        let screen = unsafe { libc::isatty(1) == 1 };
         if screen {
             // Alternate screen, cursor hidden.
             print!("\x1b[?1049h\x1b[?25l");
@@ -169,17 +180,45 @@ impl Drop for Terminal {
     }
 }
 
-/// Columns of the terminal (80 when unknown).
-fn width() -> usize {
+/// Columns and rows of the terminal on standard output, when it is one.
+fn window_size() -> Option<(usize, usize)> {
     // SAFETY: TIOCGWINSZ writes one winsize.
     unsafe {
         let mut ws: libc::winsize = std::mem::zeroed();
-        if libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0 {
-            ws.ws_col as usize
-        } else {
-            80
-        }
+        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0 && ws.ws_row > 0)
+            .then_some((ws.ws_col as usize, ws.ws_row as usize))
     }
+}
+
+/// At most `rows` of `lines`: when they do not fit, the last row says how many were left out.
+fn fit_height(mut lines: Vec<String>, rows: usize) -> Vec<String> {
+    // Trailing blank lines are not worth a note.
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    if lines.len() <= rows || rows == 0 {
+        return lines;
+    }
+    let kept = rows - 1;
+    let left = lines.len() - kept;
+    lines.truncate(kept);
+    lines.push(format!(
+        "... {left} more lines: enlarge the window, or see bufshare top -b or bufshare dump SOCKET"
+    ));
+    lines
+}
+
+/// The time of day (UTC) as HH:MM:SS, for batch snapshots.
+fn clock_time() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Waits up to `d` for a key; true when it asks to quit (q, Q, Ctrl-C) or a signal came.
@@ -332,8 +371,12 @@ pub fn run(args: &TopArgs) -> Result<(), String> {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    let terminal = Terminal::setup();
+    // SAFETY: isatty on fd 1.
+    let on_terminal = unsafe { libc::isatty(1) == 1 };
+    let batch = args.batch || !on_terminal;
+    let terminal = Terminal::setup(!batch);
     let mut stdin_open = true;
+    let mut refreshes = 0u32;
     loop {
         if !dirs.is_empty() {
             let found = ls::scan(&dirs).unwrap_or_default();
@@ -351,11 +394,43 @@ pub fn run(args: &TopArgs) -> Result<(), String> {
                 now.saturating_duration_since(since) < FORGET_AFTER
             });
         }
-        let lines = render(&lock(&board), width());
+        if batch && refreshes == 0 {
+            // A snapshot is worth printing once every producer has answered (or failed).
+            let end = Instant::now() + TIMEOUT;
+            while Instant::now() < end
+                && !QUIT.load(Ordering::SeqCst)
+                && lock(&board)
+                    .values()
+                    .any(|e| matches!(e.view, View::Connecting))
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let mut out = std::io::stdout().lock();
-        let _ = write!(out, "\x1b[H\x1b[2J{}", lines.join("\n"));
+        let written = if batch {
+            let mut lines = render(&lock(&board), usize::MAX);
+            // No keys in batch mode: the header's hint is for the screen.
+            if let Some(head) = lines.first_mut() {
+                if let Some(cut) = head.find("; q or Ctrl-C quits") {
+                    head.truncate(cut);
+                }
+            }
+            writeln!(out, "{}\n{}\n", clock_time(), lines.join("\n").trim_end())
+        } else {
+            let (cols, rows) = window_size().unwrap_or((80, 24));
+            let lines = fit_height(render(&lock(&board), cols), rows);
+            write!(out, "\x1b[H\x1b[2J{}", lines.join("\n"))
+        };
         let _ = out.flush();
         drop(out);
+        // A reader that went away (bufshare top | head) ends the view.
+        if written.is_err() {
+            break;
+        }
+        refreshes += 1;
+        if args.iterations.is_some_and(|n| refreshes >= n) {
+            break;
+        }
         if wait_for_quit(REFRESH, &mut stdin_open) {
             break;
         }
@@ -363,4 +438,27 @@ pub fn run(args: &TopArgs) -> Result<(), String> {
     QUIT.store(true, Ordering::SeqCst);
     drop(terminal);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("line {i}")).collect()
+    }
+
+    #[test]
+    fn a_board_taller_than_the_window_is_cut_with_a_note() {
+        assert_eq!(fit_height(lines(3), 5), lines(3));
+        assert_eq!(fit_height(lines(5), 5), lines(5));
+        let cut = fit_height(lines(8), 5);
+        assert_eq!(cut.len(), 5);
+        assert_eq!(cut[..4], lines(4)[..]);
+        assert!(cut[4].starts_with("... 4 more lines"), "{cut:?}");
+        // Blank lines at the end do not count.
+        let mut padded = lines(5);
+        padded.extend([String::new(), String::new()]);
+        assert_eq!(fit_height(padded, 5), lines(5));
+    }
 }

@@ -271,6 +271,51 @@ fn ls_lists_live_and_stale_sockets() {
     );
 }
 
+/// `top` with its output not on a terminal (a pipe, as in `bufshare top > log`): plain
+/// snapshots one after the other, no screen control codes, and `-n` ends it.
+#[test]
+fn top_without_a_terminal_prints_plain_snapshots() {
+    let dir = TempDir::new("top-batch");
+    let socket = dir.path("cam.sock");
+    let _producer = producer(&socket, &[]);
+    let consumer = consumer(&socket);
+    assert!(wait_for(Duration::from_secs(30), || {
+        dump_json(&socket)["num_clients"] == 1
+    }));
+    let out = run(
+        bufshare(&["top", "-n", "2", dir.0.to_str().unwrap()]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains('\x1b'), "screen control codes in {text:?}");
+    let heads: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("bufshare top: "))
+        .collect();
+    assert_eq!(heads.len(), 2, "two snapshots: {text}");
+    assert!(
+        heads
+            .iter()
+            .all(|h| *h == "bufshare top: 1 producers, 1 live; refreshed every second"),
+        "{text}"
+    );
+    // The first snapshot already has the producer's figures and its consumer.
+    let first = text.split("\n\n\n").next().unwrap();
+    assert!(
+        first.contains(&format!("{}  live", socket.display())),
+        "{text}"
+    );
+    assert!(
+        first.contains(&format!(" {}  gst-launch-1.0", consumer.pid())),
+        "{text}"
+    );
+}
+
 /// A fake producer on `path` that answers every connection with HELLO(`version`,
 /// `features`) and closes it when the peer says anything (as a producer that does not know
 /// role 3 does); counts what peers sent it. `silent`: it never accepts nor answers.
