@@ -141,6 +141,21 @@ unsafe extern "C" fn dispatch(
     format: *const c_char,
     ap: *mut sys::__va_list_tag,
 ) -> sys::ucs_log_func_rc_t {
+    // UCX's default handler formats the message again after us, `%m` included: keep errno.
+    let errno = *libc::__errno_location();
+    let action = handle(file, line, function, level, format, ap);
+    *libc::__errno_location() = errno;
+    action
+}
+
+unsafe fn handle(
+    file: *const c_char,
+    line: c_uint,
+    function: *const c_char,
+    level: sys::ucs_log_level_t,
+    format: *const c_char,
+    ap: *mut sys::__va_list_tag,
+) -> sys::ucs_log_func_rc_t {
     let guard = match HANDLER.read() {
         Ok(g) => g,
         Err(_) => return sys::UCS_LOG_FUNC_RC_CONTINUE,
