@@ -16,7 +16,7 @@
 //! bufsharesink, feature `ucx`)
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
-//!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N]
+//!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N] [--stats-every MS]
 //! (with --address HOST:PORT [--mode client|server] [--transports TLS]: ucxsrc instead of
 //! bufsharesrc, feature `ucx`)
 //! ```
@@ -41,9 +41,16 @@
 //! the first N bytes of each frame (0, the default: all of it), for big frames in debug builds.
 //!
 //! Consumers add `at=` (CLOCK_MONOTONIC ns when the frame was pulled) to each frame line, a
-//! `warning <text>` line per warning the pipeline posted, and end with `summary reconnects=..`.
+//! `warning <text>` line per warning the pipeline posted, and end with `summary reconnects=..`
+//! and `after-stop proc ...` (see below). With `--stats-every MS` both sides add `proc wall=..
+//! fds=.. sockets=.. memfds=.. ucx-registrations=..` lines (this process's open fds, sockets and
+//! memfds among them, and live UCX memory registrations), consumers `src wall=.. connected=..
+//! connections=.. frames-queued=.. registered-memories=..` lines from ucxsrc's stats; a
+//! producer's summary ends with the same `proc` figures taken after its pipeline stopped (a
+//! consumer's `after-stop`: stopped, and its appsink disposed).
 //! With `--hold N` frames of a producer that went away are still alive after a reconnect.
-//! Producers also report `backend <name in use>` and `stats <the sink's stats>`.
+//! Producers also report `backend <name in use>`, `stats <the sink's stats>` and a `warning
+//! <text>` line per warning the pipeline posted.
 //!
 //! Hardware tests (hwtests/) also use: `produce --source pipeline --pipeline "v4l2src ... ! caps"`,
 //! which feeds bufsharesink from a gst-launch style description (the free src pad of its last
@@ -214,8 +221,13 @@ impl Report {
     }
 }
 
-/// Runs the pipeline until EOS or error; returns whether it ended well.
-fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
+/// Runs the pipeline until EOS or error; returns whether it ended well. Warnings go to stderr
+/// and, given a report, into it as `warning <text>` lines.
+fn run_to_eos(
+    pipeline: &gst::Pipeline,
+    limit: Duration,
+    report: Option<&Report>,
+) -> Result<(), String> {
     let bus = pipeline.bus().unwrap();
     let deadline = Instant::now() + limit;
     loop {
@@ -236,7 +248,12 @@ fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
         match msg.view() {
             gst::MessageView::Eos(_) => return Ok(()),
             gst::MessageView::Error(e) => return Err(format!("{} ({:?})", e.error(), e.debug())),
-            gst::MessageView::Warning(w) => eprintln!("warning: {} ({:?})", w.error(), w.debug()),
+            gst::MessageView::Warning(w) => {
+                eprintln!("warning: {} ({:?})", w.error(), w.debug());
+                if let Some(r) = report {
+                    r.push(format!("warning {}", w.error()));
+                }
+            }
             _ => {}
         }
     }
@@ -480,7 +497,7 @@ fn produce(args: &Args) -> Result<(), String> {
     };
     // Long enough for the longest run the tests ask for (the soak test's duration comes with --frames).
     let limit = Duration::from_secs(120 + 2 * frames / fps.max(1) as u64);
-    let result = run_to_eos(&pipeline, limit);
+    let result = run_to_eos(&pipeline, limit, Some(&report));
     if let Some(t) = pusher_thread {
         let _ = t.join();
     }
@@ -510,7 +527,7 @@ fn produce(args: &Args) -> Result<(), String> {
     let freed = returned.load(Ordering::SeqCst);
     let pushed = rendered_count.load(Ordering::SeqCst);
     report.push(format!(
-        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} memfds-after-stop={memfds_after_stop} inodes={}",
+        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} memfds-after-stop={memfds_after_stop} inodes={} after-stop: {}",
         made.load(Ordering::SeqCst),
         inodes
             .lock()
@@ -518,7 +535,8 @@ fn produce(args: &Args) -> Result<(), String> {
             .iter()
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        proc_line()
     ));
     report.push(format!(
         "backend {}",
@@ -527,6 +545,31 @@ fn produce(args: &Args) -> Result<(), String> {
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
     result
+}
+
+/// `proc wall=.. fds=.. sockets=.. memfds=.. ucx-registrations=..`: this process's open fds
+/// (all of them, the sockets and the memfds among them) and its live UCX memory registrations
+/// (-1 without the `ucx` feature), for leak checks.
+fn proc_line() -> String {
+    let (mut fds, mut sockets, mut memfds) = (0, 0, 0);
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        for e in dir.flatten() {
+            fds += 1;
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                let t = t.to_string_lossy();
+                sockets += t.starts_with("socket:") as u32;
+                memfds += t.starts_with("/memfd:") as u32;
+            }
+        }
+    }
+    #[cfg(feature = "ucx")]
+    let regs = ucx::live_registrations() as i64;
+    #[cfg(not(feature = "ucx"))]
+    let regs = -1;
+    format!(
+        "proc wall={} fds={fds} sockets={sockets} memfds={memfds} ucx-registrations={regs}",
+        monotonic_ns()
+    )
 }
 
 /// memfd fds open in this process.
@@ -546,6 +589,7 @@ fn own_memfds() -> usize {
 /// One `client ...` report line per consumer, from the sink's stats.
 fn sample_stats(sink: &gst::Element, report: &Report) {
     let stats = sink.property::<gst::Structure>("stats");
+    report.push(proc_line());
     let wall = monotonic_ns();
     let Ok(clients) = stats.get::<gst::Array>("clients") else {
         return;
@@ -555,8 +599,9 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             continue;
         };
         report.push(format!(
-            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={} by-ring={} by-message={}",
+            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} held={} by-ring={} by-message={}",
             c.get::<i32>("pid").unwrap_or(0),
+            c.get::<u64>("client-id").unwrap_or(0),
             c.get::<u32>("frames-in-flight").unwrap_or(0),
             c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
             c.get::<u64>("frames-sent").unwrap_or(0),
@@ -890,7 +935,7 @@ fn consume(args: &Args) -> Result<(), String> {
         lines: Mutex::new(Vec::new()),
     };
     if pipeline.set_state(gst::State::Playing).is_err() {
-        let err = run_to_eos(&pipeline, Duration::from_secs(1))
+        let err = run_to_eos(&pipeline, Duration::from_secs(1), None)
             .err()
             .unwrap_or_default();
         return Err(format!("cannot start: {err}"));
@@ -899,8 +944,23 @@ fn consume(args: &Args) -> Result<(), String> {
     let mut count = 0;
     let bus = pipeline.bus().unwrap();
     let mut error = None;
+    let every = Duration::from_millis(args.num("stats-every", 0));
+    let mut next_sample = Instant::now();
     let result = loop {
         drain_bus(&bus, &report, &mut error);
+        if !every.is_zero() && Instant::now() >= next_sample {
+            next_sample = Instant::now() + every;
+            report.push(proc_line());
+            let stats = src.property::<gst::Structure>("stats");
+            report.push(format!(
+                "src wall={} connected={} connections={} frames-queued={} registered-memories={}",
+                monotonic_ns(),
+                stats.get::<bool>("connected").unwrap_or(false),
+                stats.get::<u64>("connections").unwrap_or(0),
+                stats.get::<u32>("frames-queued").unwrap_or(0),
+                stats.get::<u32>("registered-memories").unwrap_or(0),
+            ));
+        }
         if count >= max_frames {
             break Ok(());
         }
@@ -952,6 +1012,11 @@ fn consume(args: &Args) -> Result<(), String> {
     report.push(format!("summary reconnects={reconnects}"));
     drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
+    // The appsink keeps the last buffers it had queued until it is disposed (seen: two
+    // frames); the source element stays, stopped, so that what it kept would show.
+    let _ = pipeline.remove(&sink);
+    drop(sink);
+    report.push(format!("after-stop {}", proc_line()));
     report.write(&args.str("report", "-"));
     result
 }
@@ -989,12 +1054,12 @@ fn consume_into(
             gst::PadProbeReturn::Ok
         });
     let result = if pipeline.set_state(gst::State::Playing).is_err() {
-        let err = run_to_eos(pipeline, Duration::from_secs(1))
+        let err = run_to_eos(pipeline, Duration::from_secs(1), None)
             .err()
             .unwrap_or_default();
         Err(format!("cannot start: {err}"))
     } else {
-        run_to_eos(pipeline, Duration::from_secs(120))
+        run_to_eos(pipeline, Duration::from_secs(120), Some(&report))
     };
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(report_path);

@@ -36,6 +36,7 @@ use crate::clock::monotonic_now;
 use crate::protocol::{self, Message, Role};
 use crate::transport::unix::Waker;
 use crate::ucxio::{self, FreedQueue, Mode, Regions};
+use crate::ucxwatch;
 use crate::ucxwire::{self, AllowList, AM_CTRL, AM_FRAME, AM_TIME};
 
 use super::imp::CAT;
@@ -263,6 +264,8 @@ struct Io {
     /// The set of receivers changed: notify num-clients.
     changed: bool,
     frame_header: Vec<u8>,
+    /// UCX's log into ours; strangers on the listening port.
+    watch: ucxwatch::Watch,
     regions: Regions,
 }
 
@@ -297,12 +300,15 @@ impl Io {
             .set_am_handler(AM_FRAME, |_| {})
             .map_err(|e| format!("UCX AM handler: {e}"))?;
         let conns: Rc<RefCell<VecDeque<ucx::ConnRequest>>> = Rc::default();
+        // Registered before binding: UCX logs why a bind failed.
+        let mut watch = ucxwatch::watch(element.clone(), *CAT);
         let listener = match cfg.mode {
             Mode::Server => {
                 let c = conns.clone();
                 let l =
                     ucx::Listener::bind(&worker, cfg.address, move |r| c.borrow_mut().push_back(r))
                         .map_err(|e| format!("cannot listen on {}: {e}", cfg.address))?;
+                watch.listening(l.local_addr().unwrap_or(cfg.address));
                 gst::info!(
                     CAT,
                     "listening on {}",
@@ -336,6 +342,7 @@ impl Io {
             warned_metas: false,
             changed: false,
             frame_header: Vec::new(),
+            watch,
             regions,
         })
     }
@@ -361,6 +368,7 @@ impl Io {
             self.handle_cmds();
             self.poll_sends();
             self.check_peers();
+            self.watch.poll();
             self.publish();
             if std::mem::take(&mut self.changed) {
                 if let Some(e) = self.element.upgrade() {
@@ -383,6 +391,7 @@ impl Io {
                 return;
             };
             let peer = req.peer_addr();
+            self.watch.handshake(peer);
             if !self.cfg.allowed.allows(peer.map(|a| a.ip())) {
                 self.warn(&format!(
                     "refused a connection from {}: not in allowed-hosts",
