@@ -423,6 +423,69 @@ mod with_ucx {
         );
     }
 
+    /// A source that is not live (as fast as it goes, no pool of the sink's) into ucxsink: by default
+    /// (when-full=auto) the sink waits for room in the receiver's grant, so the receiver gets
+    /// every frame, none dropped or skipped.
+    #[test]
+    fn a_source_that_is_not_live_waits_for_the_receiver() {
+        let _s = serial();
+        let dir = TempDir::new("ucx", "not-live");
+        // (With when-full=drop-oldest the same run delivered 8 of the 300 frames here.)
+        {
+            let when_full = "auto";
+            let port = free_port();
+            let address = format!("127.0.0.1:{port}");
+            let (pr, cr) = (
+                dir.path(&format!("p-{when_full}.txt")),
+                dir.path(&format!("c-{when_full}.txt")),
+            );
+            let prod = producer(
+                &address,
+                &pr,
+                "test",
+                300,
+                1,
+                &[
+                    "--live",
+                    "0",
+                    "--sync",
+                    "0",
+                    // Its own pool, unbounded: only the sink can pace it.
+                    "--sink-pool",
+                    "0",
+                    "--when-full",
+                    when_full,
+                    "--pattern",
+                    "solid-color",
+                    "--width",
+                    "1920",
+                    "--height",
+                    "1080",
+                    "--transports",
+                    "tcp",
+                    "--sum-bytes",
+                    "4096",
+                ],
+            );
+            wait_listening(port);
+            let cons = consumer(
+                &address,
+                &cr,
+                &["--transports", "tcp", "--sum-bytes", "4096"],
+            );
+            prod.wait_ok(Duration::from_secs(120));
+            cons.wait_ok(Duration::from_secs(60));
+            let p = read_report(&pr);
+            let c = read_report(&cr);
+            let stats = p.lines.iter().find(|l| l.starts_with("stats ")).unwrap();
+            eprintln!("{when_full}: {} of 300 frames; {stats}", c.frames.len());
+            assert_eq!(c.frames.len(), 300, "when-full={when_full}: frames lost");
+            assert_identical(when_full, &p, &c);
+            assert_no_gap(when_full, &c);
+            assert!(stats.contains("frames-dropped-queue=(guint64)0"), "{stats}");
+        }
+    }
+
     /// on-disconnect=reconnect: the receiver outlives a SIGKILLed sender and goes on with
     /// the next one on the same address, and its new caps.
     #[test]

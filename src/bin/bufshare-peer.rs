@@ -12,8 +12,11 @@
 //!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
 //!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
 //!                       [--frame-lines 0|1]
-//! (with --address HOST:PORT [--mode server|client] [--transports TLS]: ucxsink instead of
-//! bufsharesink, feature `ucx`)
+//! (with --address HOST:PORT [--mode server|client] [--transports TLS]
+//! [--when-full auto|drop-oldest|wait]: ucxsink instead of bufsharesink, feature `ucx`;
+//! `--live 0`: the `test` source is not live, it makes frames as fast as they are taken;
+//! `--sink-pool 0`: it does not use the pool the sink proposes; `--pattern P`: videotestsrc's
+//! pattern, ball by default; `--sync 0`: the sink does not sync to the clock)
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
 //!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N] [--stats-every MS]
@@ -279,6 +282,7 @@ fn produce(args: &Args) -> Result<(), String> {
             .property("transports", args.str("transports", ""))
             .property("max-inflight", args.num("max-inflight", 4) as u32)
             .property("client-timeout", args.num("client-timeout", 3000) as u32)
+            .property_from_str("when-full", &args.str("when-full", "auto"))
             .build(),
         None => gst::ElementFactory::make("bufsharesink")
             .property("socket", &socket)
@@ -288,6 +292,9 @@ fn produce(args: &Args) -> Result<(), String> {
             .build(),
     }
     .map_err(|e| e.to_string())?;
+    if args.num("sync", 1) == 0 {
+        sink.set_property("sync", false);
+    }
     // Memory backend options map to the sink's properties of the same names.
     for prop in ["backend", "heap", "device"] {
         if let Some(v) = args.0.get(prop) {
@@ -310,7 +317,7 @@ fn produce(args: &Args) -> Result<(), String> {
             let (src, caps) = if source == "test" {
                 let format = args.str("format", "NV12");
                 let src = gst::ElementFactory::make("videotestsrc")
-                    .property_from_str("pattern", "ball")
+                    .property_from_str("pattern", &args.str("pattern", "ball"))
                     .build()
                     .map_err(|e| e.to_string())?;
                 let caps = gst::Caps::builder("video/x-raw")
@@ -333,7 +340,7 @@ fn produce(args: &Args) -> Result<(), String> {
                     .build();
                 (src, caps)
             };
-            src.set_property("is-live", true);
+            src.set_property("is-live", args.num("live", 1) != 0);
             src.set_property("num-buffers", frames as i32);
             let filter = gst::ElementFactory::make("capsfilter")
                 .property("caps", &caps)
@@ -341,7 +348,18 @@ fn produce(args: &Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             pipeline.add_many([&src, &filter]).unwrap();
             src.link(&filter).map_err(|e| e.to_string())?;
-            filter
+            if args.num("sink-pool", 1) == 0 {
+                // The source keeps its own (unbounded) pool: no pool of the sink's paces it.
+                let identity = gst::ElementFactory::make("identity")
+                    .property("drop-allocation", true)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                pipeline.add(&identity).unwrap();
+                filter.link(&identity).map_err(|e| e.to_string())?;
+                identity
+            } else {
+                filter
+            }
         }
         _ => {
             let appsrc = gst_app::AppSrc::builder()
@@ -599,13 +617,14 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             continue;
         };
         report.push(format!(
-            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} held={} by-ring={} by-message={}",
+            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} skipped={} held={} by-ring={} by-message={}",
             c.get::<i32>("pid").unwrap_or(0),
             c.get::<u64>("client-id").unwrap_or(0),
             c.get::<u32>("frames-in-flight").unwrap_or(0),
             c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
             c.get::<u64>("frames-sent").unwrap_or(0),
             c.get::<u64>("frames-dropped").unwrap_or(0),
+            c.get::<u64>("frames-skipped").unwrap_or(0),
             stats.get::<u32>("frames-held").unwrap_or(0),
             c.get::<u64>("released-by-ring").unwrap_or(0),
             c.get::<u64>("released-by-message").unwrap_or(0),

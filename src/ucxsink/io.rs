@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,8 @@ pub struct Status {
     pub sends_copied: u64,
     /// EOS went out and every send to a receiver completed.
     pub eos_flushed: bool,
+    /// Some ready receiver has room in its grant, or there is no ready receiver.
+    pub room: bool,
 }
 
 /// What the streaming thread and the I/O thread share.
@@ -116,6 +118,10 @@ pub struct Shared {
     quit: AtomicBool,
     status: Mutex<Status>,
     cond: Condvar,
+    /// Frames queued for the I/O thread, not yet taken.
+    frames_queued: AtomicUsize,
+    /// Signalled (with `status`) when `room` or `frames_queued` may have changed.
+    room_cond: Condvar,
 }
 
 impl Shared {
@@ -126,9 +132,11 @@ impl Shared {
             if frames >= MAX_QUEUED_FRAMES {
                 if let Some(i) = q.iter().position(|c| matches!(c, Cmd::Frame(_))) {
                     q.remove(i);
+                    self.frames_queued.fetch_sub(1, Ordering::SeqCst);
                     self.status.lock().unwrap().frames_dropped_queue += 1;
                 }
             }
+            self.frames_queued.fetch_add(1, Ordering::SeqCst);
         }
         q.push_back(cmd);
         drop(q);
@@ -150,8 +158,13 @@ impl Server {
             cmds: Mutex::new(VecDeque::new()),
             waker,
             quit: AtomicBool::new(false),
-            status: Mutex::new(Status::default()),
+            status: Mutex::new(Status {
+                room: true,
+                ..Status::default()
+            }),
             cond: Condvar::new(),
+            frames_queued: AtomicUsize::new(0),
+            room_cond: Condvar::new(),
         });
         let sh = shared.clone();
         let thread = crate::ucxio::spawn_io_thread(
@@ -189,6 +202,33 @@ impl Server {
         true
     }
 
+    /// Waits until the previous frame was taken by the I/O thread and a receiver has room in
+    /// its grant (or none is connected). False: `cancel` was set (unlock) or the thread quit.
+    pub fn wait_for_room(&self, cancel: &AtomicBool) -> bool {
+        let mut st = self.shared.status.lock().unwrap();
+        loop {
+            if cancel.load(Ordering::SeqCst) || self.shared.quit.load(Ordering::SeqCst) {
+                return false;
+            }
+            if st.room && self.shared.frames_queued.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            // The timeout only bounds a missed wake-up.
+            st = self
+                .shared
+                .room_cond
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Wakes a render waiting for room (to look at its cancel flag).
+    pub fn wake_waiters(&self) {
+        let _st = self.shared.status.lock().unwrap();
+        self.shared.room_cond.notify_all();
+    }
+
     pub fn clear_eos(&self) {
         self.shared.push(Cmd::ClearEos);
     }
@@ -202,6 +242,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::SeqCst);
         self.shared.waker.wake();
+        self.wake_waiters();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -656,7 +697,16 @@ impl Io {
                     self.broadcast(&Message::Eos);
                 }
                 Cmd::ClearEos => self.eos = false,
-                Cmd::Frame(f) => self.fan_out(*f),
+                Cmd::Frame(f) => {
+                    self.fan_out(*f);
+                    // The frame counts as queued until `room` says what its sends left: a
+                    // render waiting for room must not see the old `room` with no frame queued.
+                    let mut st = self.shared.status.lock().unwrap();
+                    st.room = self.room();
+                    self.shared.frames_queued.fetch_sub(1, Ordering::SeqCst);
+                    drop(st);
+                    self.shared.room_cond.notify_all();
+                }
             }
         }
     }
@@ -923,6 +973,14 @@ impl Io {
             })
             .collect();
         st.registered_memories = self.regions.len() as u32;
+        st.room = self.room();
+        self.shared.room_cond.notify_all();
+    }
+
+    /// Some ready receiver has room in its grant, or there is none.
+    fn room(&self) -> bool {
+        let mut ready = self.peers.iter().filter(|p| p.ready).peekable();
+        ready.peek().is_none() || ready.any(|p| (p.inflight.len() as u32) < p.granted)
     }
 
     fn shutdown(&mut self) {
