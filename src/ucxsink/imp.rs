@@ -379,13 +379,19 @@ impl BaseSinkImpl for UcxSink {
     }
 
     fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let wait = {
-            let mut state = self.state.lock().unwrap();
-            let Some(server) = state.server.clone() else {
-                return Err(gst::FlowError::Flushing);
-            };
-            let wait = *state.wait_for_room.get_or_insert_with(|| {
-                match self.settings.lock().unwrap().when_full {
+        // Neither lock is held while asking upstream (a pad query).
+        let (server, decided) = {
+            let state = self.state.lock().unwrap();
+            (state.server.clone(), state.wait_for_room)
+        };
+        let Some(server) = server else {
+            return Err(gst::FlowError::Flushing);
+        };
+        let wait = match decided {
+            Some(w) => w,
+            None => {
+                let when_full = self.settings.lock().unwrap().when_full;
+                let w = match when_full {
                     WhenFull::Wait => true,
                     WhenFull::DropOldest => false,
                     WhenFull::Auto => {
@@ -407,10 +413,12 @@ impl BaseSinkImpl for UcxSink {
                         );
                         !upstream_live
                     }
-                }
-            });
-            wait.then_some(server)
+                };
+                self.state.lock().unwrap().wait_for_room = Some(w);
+                w
+            }
         };
+        let wait = wait.then_some(server);
         if let Some(server) = wait {
             if !server.wait_for_room(&self.unlocked) {
                 return Err(gst::FlowError::Flushing);
