@@ -16,17 +16,21 @@ trap 'rm -f "$header"' EXIT
 cat >"$header" <<'H'
 #include <ucp/api/ucp.h>
 #include <ucs/type/status.h>
+#include <ucs/debug/log_def.h>
 H
 # Only the API the ucx crate uses: context, worker (+ wakeup), listener, endpoint, active
-# messages, memory registration, requests, status strings, and the types these pull in.
+# messages, memory registration, requests, status strings, UCX's log handlers (to forward its
+# log to GStreamer), and the types these pull in.
 fns='ucp_(init_version|cleanup|config_read|config_modify|config_release|get_version|context_query'
 fns+='|worker_(create|destroy|progress|get_efd|arm|signal|query|set_am_recv_handler)'
 fns+='|listener_(create|destroy|query|reject)|conn_request_query'
 fns+='|ep_(create|close_nbx|flush_nbx)|am_(send_nbx|recv_data_nbx|data_release)'
 fns+='|mem_(map|unmap)|request_(check_status|free|cancel))|ucs_status_string'
+fns+='|ucs_log_(push_handler|pop_handler|num_handlers)'
 types='ucp_(params|worker_params|listener_params|ep_params|mem_map_params|request_param|am_handler_param|am_recv_param'
 types+='|listener_attr|conn_request_attr|worker_attr|context_attr|err_handler|listener_conn_handler)_t'
 types+='|ucp_am_recv_param|ucs_status_t|ucs_thread_mode_t|ucs_memory_type_t|ucp_err_handling_mode_t'
+types+='|ucs_log_func_t|ucs_log_func_rc_t|ucs_log_level_t|ucs_log_component_config_t'
 vars='UCP_API_(MAJOR|MINOR)|UCS_ERR_LAST'
 enums='ucp_(params_field|feature|worker_params_field|listener_params_field|ep_params_field|ep_params_flags_field'
 enums+='|ep_close_flags_t|mem_map_params_field|op_attr_t|send_am_flags|am_recv_attr_t|am_handler_param_field'

@@ -30,6 +30,8 @@ pub mod ucxio;
 pub mod ucxsink;
 #[cfg(feature = "ucx")]
 pub mod ucxsrc;
+#[cfg(feature = "ucx")]
+pub mod ucxwatch;
 pub mod ucxwire;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -63,6 +63,8 @@ pub fn spawn_io_thread<T>(
 /// A UCX context for an element: `transports` (UCX_TLS syntax, empty = UCX chooses) on top
 /// of the process's `UCX_*` environment.
 pub fn context(name: &str, transports: &str) -> ucx::Result<ucx::Context> {
+    // UCX's log into GStreamer's from the first context on.
+    crate::ucxwatch::install();
     let mut b = ucx::Context::builder().name(name);
     if !transports.trim().is_empty() {
         b = b.config("TLS", transports.trim());

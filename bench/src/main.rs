@@ -29,7 +29,8 @@
 //! - Part 3, cross-host (part3.rs): sender and receiver in two network
 //!   namespaces joined by a veth pair, over ucxsink/ucxsrc, tcp+gdp and
 //!   RTP (RFC 4175) over UDP: live 1080p30 (frames, CPU per frame per side,
-//!   latency) and the highest rate of one link at three sizes.
+//!   latency) and the highest rate of one link at three sizes; medians of
+//!   `--rounds` interleaved rounds with the lowest and highest round.
 //!
 //! The bench does not link the plugin: children find it via GST_PLUGIN_PATH.
 //! unixfd children may run on another GStreamer install (gstprefix.rs). The
@@ -74,19 +75,23 @@ const RUN_OVERHEAD_S: f64 = 0.5;
 
 const USAGE: &str = "\
 usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
-                      [--quick] [--only bufshare,shm,unixfd,tee] [--part 1|2|3]
+                      [--quick] [--only bufshare,shm,unixfd,tee,ucx,tcp+gdp,rtp]
+                      [--part 1|2|3]
                       [--plugin-dir DIR] [--plots DIR]
        bufshare-bench --plot-from FILE [--plots DIR]
 
   --seconds N        measured duration of each part 1 (fan-out) run, default 10
-  --rounds N         part 1 rounds, interleaved (every transport and consumer
-                     count once per round); rows show the median, default 3
+  --rounds N         rounds of parts 1 and 3, interleaved (every transport and
+                     consumer count or size once per round); rows show the
+                     median (part 3: and the lowest-highest round), default 3
   --warmup N         seconds between starting a run's processes and measuring,
                      default 1
   --rate-seconds N   duration of each part 2 (link rate) run, default 5
   --quick            smoke test: 2 s runs, 1 round, 1 and 3 consumers at
                      320x240, 4 at 1080p
-  --only LIST        transports to measure (comma-separated)
+  --only LIST        transports to measure (comma-separated): bufshare, shm,
+                     unixfd, tee (parts 1, 2); ucx, tcp+gdp, rtp (part 3; only
+                     these names: part 3 alone)
   --part 1|2|3       run only part 1 (fan-out), part 2 (link rate) or part 3
                      (cross-host: two network namespaces joined by a veth
                      pair, made and deleted by the bench, so it needs root;
@@ -106,8 +111,8 @@ usage: bufshare-bench [--seconds N] [--rounds N] [--warmup N] [--rate-seconds N]
 
 charts (fonts: DejaVu Sans, Debian package fonts-dejavu-core, or the TTF file
 in BUFSHARE_BENCH_FONT): cpu-vs-consumers.png, cpu-vs-size.png,
-latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2);
-part 3 has tables only
+latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2),
+cross-host.png (part 3)
 
 environment:
   BUFSHARE_BENCH_GST_PREFIX=DIR   install prefix of a GStreamer >= 1.24 that
@@ -124,6 +129,8 @@ struct Options {
     rounds: usize,
     quick: bool,
     transports: Vec<Transport>,
+    /// Part 3's transports.
+    links: Vec<part3::Link>,
     parts: Vec<u8>,
     plugin_dir: Option<PathBuf>,
     plots: PathBuf,
@@ -138,6 +145,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut rounds = None;
     let mut transports = Transport::ALL.to_vec();
     let mut parts = vec![1, 2, 3];
+    let mut links = part3::Link::ALL.to_vec();
+    let mut part_given = false;
     let mut plugin_dir = None;
     let mut plots = PathBuf::from(DEFAULT_PLOTS_DIR);
     let mut plot_from = None;
@@ -164,13 +173,27 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--quick" => quick = true,
             "--only" => {
                 let list = it.next().ok_or("--only needs a value")?;
-                transports = list
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| Transport::from_name(s.trim()).ok_or(format!("unknown transport {s}")))
-                    .collect::<Result<_, _>>()?;
+                let (mut t, mut l) = (Vec::new(), Vec::new());
+                for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    if let Some(x) = Transport::from_name(s) {
+                        t.push(x);
+                    } else if let Some(x) = part3::Link::from_name(s) {
+                        l.push(x);
+                    } else {
+                        return Err(format!("unknown transport {s}"));
+                    }
+                }
+                // Part 3's names only: parts 1 and 2 have nothing to measure.
+                if t.is_empty() {
+                    parts.retain(|&p| p == 3);
+                }
+                if !l.is_empty() {
+                    links = l;
+                }
+                transports = t;
             }
             "--part" => {
+                part_given = true;
                 parts = match it.next().map(String::as_str) {
                     Some("1") => vec![1],
                     Some("2") => vec![2],
@@ -193,6 +216,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
+    if part_given && parts.is_empty() {
+        return Err("--part and --only name nothing to measure together".into());
+    }
     let default_seconds = if quick { 2.0 } else { 10.0 };
     let default_rate_seconds = if quick { 2.0 } else { 5.0 };
     Ok(Options {
@@ -202,6 +228,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
         quick,
         transports,
+        links,
         parts,
         plugin_dir,
         plots,
@@ -386,18 +413,19 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
         0
     };
     let part3_links = if opts.parts.contains(&3) {
-        part3::Link::ALL.len()
+        opts.links.len()
     } else {
         0
     };
-    let part3_runs = part3::runs(part3_links);
+    let part3_runs = part3::runs(part3_links, opts.rounds);
+    let part3_live = part3_links * opts.rounds;
     // Part 1 also measures the wake-up floor once per round, for --seconds.
     let part1_floor = if part1_runs > 0 { opts.rounds } else { 0 };
     let estimate = part1_runs as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
         + part1_floor as f64 * (opts.seconds + RUN_OVERHEAD_S)
         + part2_runs as f64 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S)
-        + (part3_links as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
-            + (part3_runs - part3_links) as f64
+        + (part3_live as f64 * (opts.seconds + opts.warmup + RUN_OVERHEAD_S)
+            + (part3_runs - part3_live) as f64
                 * (opts.rate_seconds + opts.warmup + RUN_OVERHEAD_S));
     eprintln!(
         "bufshare-bench: {part1_runs} part 1 runs, {part2_runs} part 2 runs, \
@@ -411,7 +439,7 @@ fn orchestrate(opts: &Options) -> Result<bool, String> {
         part1::Saved::new(&results, &settings)
     });
     let part2 = (part2_runs > 0).then(|| part2::run(&ctx, &link_transports, &mut errors));
-    let part3 = (part3_runs > 0).then(|| part3::run(&ctx, &mut errors));
+    let part3 = (part3_runs > 0).then(|| part3::run(&ctx, &opts.links, opts.rounds, &mut errors));
 
     let unixfd = if let Some(source) = unixfd_source {
         Some(source)

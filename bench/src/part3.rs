@@ -64,6 +64,16 @@ impl Link {
         }
     }
 
+    /// `ucx`, `tcp+gdp` (or `tcpgdp`, `tcp`), `rtp` (or `udp`): for `--only`.
+    pub fn from_name(name: &str) -> Option<Link> {
+        match name {
+            "ucx" => Some(Link::Ucx),
+            "tcp+gdp" | "tcpgdp" | "tcp" | "gdp" => Some(Link::TcpGdp),
+            "rtp" | "udp" => Some(Link::Rtp),
+            _ => None,
+        }
+    }
+
     /// The elements it needs, for the check before measuring.
     fn elements(self) -> &'static [&'static str] {
         match self {
@@ -92,6 +102,9 @@ pub struct Row {
     pub receiver_cpu_ns: u64,
     /// Latency p50 and p99, ns (live runs).
     pub latency_ns: Option<(u64, u64)>,
+    /// Which round (0-based) it was measured in; results of older runs have only round 0.
+    #[serde(default)]
+    pub round: usize,
 }
 
 impl Row {
@@ -236,9 +249,9 @@ impl Netns {
     }
 }
 
-/// The runs part 3 makes for `links`.
-pub fn runs(links: usize) -> usize {
-    links * (1 + RATE_SIZES.len())
+/// The runs part 3 makes for `links` transports in `rounds` rounds.
+pub fn runs(links: usize, rounds: usize) -> usize {
+    links * (1 + RATE_SIZES.len()) * rounds
 }
 
 /// Why part 3 cannot run at all, if it cannot (checked before measuring).
@@ -253,8 +266,10 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// Runs (a) and (b) for every transport whose elements exist; errors go to `errors`.
-pub fn run(ctx: &Context, errors: &mut Vec<String>) -> Saved {
+/// Runs (a) and (b) for every transport of `only` whose elements exist, `rounds` times,
+/// interleaved (each round measures every size and transport, the transports' order turned
+/// by one each round); errors go to `errors`.
+pub fn run(ctx: &Context, only: &[Link], rounds: usize, errors: &mut Vec<String>) -> Saved {
     let mut saved = Saved {
         skipped: Vec::new(),
         rows: Vec::new(),
@@ -274,7 +289,7 @@ pub fn run(ctx: &Context, errors: &mut Vec<String>) -> Saved {
         }
     };
     let mut links = Vec::new();
-    for link in Link::ALL {
+    for link in Link::ALL.into_iter().filter(|l| only.contains(l)) {
         let missing: Vec<&str> = link
             .elements()
             .iter()
@@ -294,23 +309,34 @@ pub fn run(ctx: &Context, errors: &mut Vec<String>) -> Saved {
     let mut port = 7400;
     let mut sizes = vec![(true, LIVE.0, LIVE.1)];
     sizes.extend(RATE_SIZES.iter().map(|&(w, h)| (false, w, h)));
-    for (live, width, height) in sizes {
-        for &link in &links {
-            port += 1;
-            let what = if live { "live 1080p30" } else { "rate" };
-            let seconds = if live { ctx.seconds } else { ctx.rate_seconds };
-            eprintln!(
-                "part 3: {} {what} {width}x{height} ({seconds} s)...",
-                link.name()
-            );
-            let (row, found) = measure(ctx, &netns, link, live, width, height, port, seconds);
-            for e in found {
-                errors.push(format!(
-                    "part 3 {} {what} {width}x{height}: {e}",
-                    link.name()
-                ));
+    for round in 0..rounds {
+        for &(live, width, height) in &sizes {
+            let mut order = links.clone();
+            if !order.is_empty() {
+                let turn = round % order.len();
+                order.rotate_left(turn);
             }
-            saved.rows.push(row);
+            for link in order {
+                port += 1;
+                let what = if live { "live 1080p30" } else { "rate" };
+                let seconds = if live { ctx.seconds } else { ctx.rate_seconds };
+                eprintln!(
+                    "part 3: round {}/{rounds}: {} {what} {width}x{height} ({seconds} s)...",
+                    round + 1,
+                    link.name()
+                );
+                let (mut row, found) =
+                    measure(ctx, &netns, link, live, width, height, port, seconds);
+                row.round = round;
+                for e in found {
+                    errors.push(format!(
+                        "part 3 round {}/{rounds} {} {what} {width}x{height}: {e}",
+                        round + 1,
+                        link.name()
+                    ));
+                }
+                saved.rows.push(row);
+            }
         }
     }
     saved
@@ -468,12 +494,127 @@ fn measure(
         sender_cpu_ns: s.map_or(0, |s| s.cpu_ns),
         receiver_cpu_ns: r.map_or(0, |r| r.cpu_ns),
         latency_ns,
+        round: 0,
     };
     (row, errors)
 }
 
-fn ms(ns: u64) -> String {
-    format!("{:.2}", ns as f64 / 1e6)
+/// Median, lowest and highest of the rounds' values of one figure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    pub fn of(mut v: Vec<f64>) -> Option<Spread> {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+
+    /// `median` alone for one round, `median (min-max)` for more.
+    fn show(&self, decimals: usize) -> String {
+        let f = |x: f64| format!("{x:.decimals$}");
+        if self.n > 1 {
+            format!("{} ({}-{})", f(self.median), f(self.min), f(self.max))
+        } else {
+            f(self.median)
+        }
+    }
+}
+
+fn show(s: Option<Spread>, decimals: usize) -> String {
+    s.map_or("-".into(), |s| s.show(decimals))
+}
+
+/// Every round of one transport at one size and mode.
+pub struct Point<'a> {
+    pub link: Link,
+    pub live: bool,
+    pub width: u32,
+    pub height: u32,
+    /// Rounds that measured something without errors.
+    pub good: Vec<&'a Row>,
+    pub failed: usize,
+}
+
+impl Point<'_> {
+    fn spread(&self, f: impl Fn(&Row) -> Option<f64>) -> Option<Spread> {
+        Spread::of(self.good.iter().filter_map(|r| f(r)).collect())
+    }
+    pub fn rate(&self) -> Option<Spread> {
+        self.spread(Row::frames_per_s)
+    }
+    pub fn sender_us(&self) -> Option<Spread> {
+        self.spread(|r| r.cpu_us().map(|c| c.0))
+    }
+    pub fn receiver_us(&self) -> Option<Spread> {
+        self.spread(|r| r.cpu_us().map(|c| c.1))
+    }
+    pub fn total_us(&self) -> Option<Spread> {
+        self.spread(|r| r.cpu_us().map(|c| c.0 + c.1))
+    }
+    fn mark(&self) -> String {
+        if self.failed == 0 {
+            String::new()
+        } else {
+            format!(
+                " (errors in {} of {} rounds)",
+                self.failed,
+                self.failed + self.good.len()
+            )
+        }
+    }
+}
+
+/// The measured points, in the order first measured.
+pub fn points(saved: &Saved) -> Vec<Point<'_>> {
+    let mut out: Vec<Point<'_>> = Vec::new();
+    for r in &saved.rows {
+        let i = match out.iter().position(|p| {
+            p.link == r.link && p.live == r.live && p.width == r.width && p.height == r.height
+        }) {
+            Some(i) => i,
+            None => {
+                out.push(Point {
+                    link: r.link,
+                    live: r.live,
+                    width: r.width,
+                    height: r.height,
+                    good: Vec::new(),
+                    failed: 0,
+                });
+                out.len() - 1
+            }
+        };
+        if r.failed || !r.measured() {
+            out[i].failed += 1;
+        } else {
+            out[i].good.push(r);
+        }
+    }
+    out
+}
+
+fn rounds(saved: &Saved) -> usize {
+    saved.rows.iter().map(|r| r.round + 1).max().unwrap_or(0)
 }
 
 /// Part 3's tables, markdown.
@@ -492,26 +633,33 @@ pub fn report(saved: &Saved) -> String {
     if saved.rows.is_empty() {
         return out;
     }
+    let n = rounds(saved);
+    if n > 1 {
+        let _ = writeln!(
+            out,
+            "Median of {n} interleaved rounds, lowest-highest round in parentheses.\n"
+        );
+    }
+    let points = points(saved);
     let _ = writeln!(out, "### (a) live 1080p30 (videotestsrc is-live)\n");
     let _ = writeln!(
         out,
         "| transport | frames sent | frames delivered | sender CPU µs/frame | receiver CPU µs/frame | latency p50 ms | p99 ms |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for row in saved.rows.iter().filter(|r| r.live) {
-        let mark = if row.failed { " (error)" } else { "" };
-        let (cs, cr) = row.cpu_us().map_or(("-".into(), "-".into()), |(s, r)| {
-            (format!("{s:.0}"), format!("{r:.0}"))
-        });
-        let (p50, p99) = row
-            .latency_ns
-            .map_or(("-".into(), "-".into()), |(a, b)| (ms(a), ms(b)));
+    for p in points.iter().filter(|p| p.live) {
+        let lat = |i: usize| p.spread(|r| r.latency_ns.map(|l| [l.0, l.1][i] as f64 / 1e6));
         let _ = writeln!(
             out,
-            "| {}{mark} | {} | {} | {cs} | {cr} | {p50} | {p99} |",
-            row.link.name(),
-            row.produced,
-            row.received
+            "| {}{} | {} | {} | {} | {} | {} | {} |",
+            p.link.name(),
+            p.mark(),
+            show(p.spread(|r| Some(r.produced as f64)), 0),
+            show(p.spread(|r| Some(r.received as f64)), 0),
+            show(p.sender_us(), 0),
+            show(p.receiver_us(), 0),
+            show(lat(0), 2),
+            show(lat(1), 2),
         );
     }
     let _ = writeln!(
@@ -526,69 +674,76 @@ pub fn report(saved: &Saved) -> String {
         "| transport | size | frame KiB | frames/s | sender CPU µs/frame | receiver CPU µs/frame | total µs/frame |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
-    for row in saved.rows.iter().filter(|r| !r.live) {
-        let mark = if row.failed { " (error)" } else { "" };
-        let kib = nv12_size(row.width, row.height) / 1024;
-        let (w, h) = (row.width, row.height);
-        match (row.frames_per_s(), row.cpu_us()) {
-            (Some(rate), Some((s, r))) => {
-                let _ = writeln!(
-                    out,
-                    "| {}{mark} | {w}x{h} | {kib} | {rate:.0} | {s:.0} | {r:.0} | {:.0} |",
-                    row.link.name(),
-                    s + r
-                );
-            }
-            _ => {
-                let _ = writeln!(
-                    out,
-                    "| {}{mark} | {w}x{h} | {kib} | - | - | - | - |",
-                    row.link.name()
-                );
-            }
-        }
+    for p in points.iter().filter(|p| !p.live) {
+        let kib = nv12_size(p.width, p.height) / 1024;
+        let _ = writeln!(
+            out,
+            "| {}{} | {}x{} | {kib} | {} | {} | {} | {} |",
+            p.link.name(),
+            p.mark(),
+            p.width,
+            p.height,
+            show(p.rate(), 0),
+            show(p.sender_us(), 0),
+            show(p.receiver_us(), 0),
+            show(p.total_us(), 0),
+        );
     }
     let _ = writeln!(
         out,
         "\n### ucx / tcp+gdp (target: frame rate ≥ 1.5x, less CPU per frame)\n"
     );
+    if n > 1 {
+        let _ = writeln!(
+            out,
+            "Ratios of the medians; in parentheses the lowest and highest ratio of one round's \
+             two runs (measured one after the other).\n"
+        );
+    }
     let _ = writeln!(
         out,
         "| run | frame rate ucx / tcp+gdp | CPU per frame ucx / tcp+gdp | target |"
     );
     let _ = writeln!(out, "|---|---:|---:|---|");
-    let find = |link: Link, live: bool, w: u32, h: u32| {
-        saved
-            .rows
-            .iter()
-            .find(|r| r.link == link && r.live == live && r.width == w && r.height == h)
-    };
-    let mut keys: Vec<(bool, u32, u32)> = Vec::new();
-    for r in &saved.rows {
-        if !keys.contains(&(r.live, r.width, r.height)) {
-            keys.push((r.live, r.width, r.height));
-        }
-    }
-    for (live, w, h) in keys {
-        let (Some(u), Some(t)) = (find(Link::Ucx, live, w, h), find(Link::TcpGdp, live, w, h))
-        else {
+    for u in points.iter().filter(|p| p.link == Link::Ucx) {
+        let Some(t) = points.iter().find(|p| {
+            p.link == Link::TcpGdp && p.live == u.live && p.width == u.width && p.height == u.height
+        }) else {
             continue;
         };
-        let name = if live {
+        let name = if u.live {
             "live 1080p30".to_string()
         } else {
-            format!("rate {w}x{h}")
+            format!("rate {}x{}", u.width, u.height)
         };
-        let rate = u.frames_per_s().zip(t.frames_per_s()).map(|(a, b)| a / b);
+        let ratio =
+            |a: Option<Spread>, b: Option<Spread>| a.zip(b).map(|(a, b)| a.median / b.median);
+        let rate = ratio(u.rate(), t.rate());
+        let cpu = ratio(u.total_us(), t.total_us());
+        // Per round: the two runs of the same round.
+        let per_round = |f: fn(&Row) -> Option<f64>| {
+            Spread::of(
+                u.good
+                    .iter()
+                    .filter_map(|a| {
+                        let b = t.good.iter().find(|b| b.round == a.round)?;
+                        Some(f(a)? / f(b)?)
+                    })
+                    .collect(),
+            )
+        };
         let total = |r: &Row| r.cpu_us().map(|(s, r)| s + r);
-        let cpu = total(u).zip(total(t)).map(|(a, b)| a / b);
-        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
+        let fmt = |v: Option<f64>, range: Option<Spread>| match (v, range) {
+            (None, _) => "-".to_string(),
+            (Some(v), Some(r)) if r.n > 1 => format!("{v:.2}x ({:.2}-{:.2}x)", r.min, r.max),
+            (Some(v), _) => format!("{v:.2}x"),
+        };
         // A live source caps the rate at 30 fps: there only the CPU counts.
         let verdict = match (rate, cpu) {
             (_, None) | (None, _) => "-".to_string(),
             (Some(r), Some(c)) => {
                 let mut missed = Vec::new();
-                if !live && r < 1.5 {
+                if !u.live && r < 1.5 {
                     missed.push(format!("rate {r:.3}x < 1.5x"));
                 }
                 if c >= 1.0 {
@@ -601,7 +756,12 @@ pub fn report(saved: &Saved) -> String {
                 }
             }
         };
-        let _ = writeln!(out, "| {name} | {} | {} | {verdict} |", fmt(rate), fmt(cpu));
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {verdict} |",
+            fmt(rate, per_round(Row::frames_per_s)),
+            fmt(cpu, per_round(total)),
+        );
     }
     let _ = writeln!(
         out,
@@ -640,6 +800,7 @@ pub mod tests {
             sender_cpu_ns: cpu_us * 1000 * received / 2,
             receiver_cpu_ns: cpu_us * 1000 * received / 2,
             latency_ns: live.then_some((1_500_000, 3_000_000)),
+            round: 0,
         }
     }
 
@@ -671,5 +832,42 @@ pub mod tests {
             t.contains("| rate 1920x1080 | 3.00x | 0.50x | met |"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn rounds_give_medians_ranges_and_paired_ratios() {
+        let mut rows = Vec::new();
+        for (round, (ucx, tcp)) in [(300, 100), (200, 100), (400, 200)].into_iter().enumerate() {
+            let mut u = row(Link::Ucx, false, 1920, 1080, ucx, 2000);
+            let mut t = row(Link::TcpGdp, false, 1920, 1080, tcp, 4000);
+            u.round = round;
+            t.round = round;
+            rows.extend([u, t]);
+        }
+        let mut failed = row(Link::TcpGdp, false, 1920, 1080, 900, 1);
+        failed.failed = true;
+        failed.round = 3;
+        rows.push(failed);
+        let t = report(&Saved {
+            skipped: vec![],
+            rows,
+        });
+        assert!(t.contains("Median of 4 interleaved rounds"), "{t}");
+        assert!(
+            t.contains("| ucx | 1920x1080 | 3037 | 300 (200-400) | 1000 (1000-1000) | 1000 (1000-1000) | 2000 (2000-2000) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| tcp+gdp (errors in 1 of 4 rounds) | 1920x1080 | 3037 | 100 (100-200) |"),
+            "{t}"
+        );
+        // Ratio of medians 300/100; per round 3.0, 2.0, 2.0.
+        assert!(
+            t.contains("| rate 1920x1080 | 3.00x (2.00-3.00x) | 0.50x (0.50-0.50x) | met |"),
+            "{t}"
+        );
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert_eq!(Link::from_name("tcp+gdp"), Some(Link::TcpGdp));
+        assert_eq!(Link::from_name("bufshare"), None);
     }
 }

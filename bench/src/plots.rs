@@ -18,6 +18,9 @@
 //!   number of consumers, per frame size.
 //! - `link-rate.png` (part 2): CPU per frame of producer and consumer, and
 //!   frames per second, against the frame size.
+//! - `cross-host.png` (part 3): the same for one link between two network
+//!   namespaces (ucx, tcp+gdp, rtp): median of rounds, bars from the lowest to
+//!   the highest round.
 
 use std::fmt::Display;
 use std::ops::Range;
@@ -34,6 +37,7 @@ use plotters::style::{register_font, FontStyle};
 
 use crate::part1::{Results, LATENCY_COUNT};
 use crate::part2::LinkRow;
+use crate::part3::{self, Link};
 use crate::results::{date, Meta, Saved};
 use crate::scenarios::Transport;
 
@@ -161,6 +165,16 @@ pub fn draw_all(saved: &Saved, dir: &Path) -> Result<Vec<PathBuf>, String> {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path);
     }
+    if let Some(p3) = saved
+        .part3
+        .as_ref()
+        .filter(|p| p.rows.iter().any(|r| !r.live))
+    {
+        let path = dir.join("cross-host.png");
+        cross_host(p3, &part3_note(&saved.meta, p3), &path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path);
+    }
     Ok(written)
 }
 
@@ -192,6 +206,32 @@ fn part2_note(meta: &Meta) -> String {
         meta.rate_seconds,
         machine(meta)
     )
+}
+
+fn part3_note(meta: &Meta, p3: &part3::Saved) -> String {
+    let rounds = p3.rows.iter().map(|r| r.round + 1).max().unwrap_or(1);
+    format!(
+        "bufshare-bench part 3: {rounds} round{} of {} s per point; {}",
+        if rounds == 1 { "" } else { "s" },
+        meta.rate_seconds,
+        machine(meta)
+    )
+}
+
+fn link_color(l: Link) -> RGBColor {
+    match l {
+        Link::Ucx => RGBColor(31, 119, 180),
+        Link::TcpGdp => RGBColor(230, 115, 0),
+        Link::Rtp => RGBColor(44, 160, 44),
+    }
+}
+
+fn link_label(l: Link) -> &'static str {
+    match l {
+        Link::Ucx => "ucxsink/ucxsrc (UCX over TCP)",
+        Link::TcpGdp => "gdppay+tcpserversink / tcpclientsrc+gdpdepay",
+        Link::Rtp => "rtpvrawpay+udpsink / udpsrc+rtpvrawdepay (I420)",
+    }
 }
 
 fn color(t: Transport) -> RGBColor {
@@ -925,6 +965,136 @@ fn link_rate(rows: &[LinkRow], note: &str, path: &Path) -> Result<(), String> {
     root.present().map_err(text)
 }
 
+/// (x, median, min, max) of each transport, for the panels of cross-host.png.
+type SpreadPoints = Vec<(f64, f64, f64, f64)>;
+
+fn cross_host(p3: &part3::Saved, note: &str, path: &Path) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    let points: Vec<part3::Point<'_>> = part3::points(p3).into_iter().filter(|p| !p.live).collect();
+    let mut sizes: Vec<(u32, u32)> = Vec::new();
+    let mut links: Vec<Link> = Vec::new();
+    for p in &points {
+        if !sizes.contains(&(p.width, p.height)) {
+            sizes.push((p.width, p.height));
+        }
+        if !links.contains(&p.link) {
+            links.push(p.link);
+        }
+    }
+    let keys: Vec<Key> = links
+        .iter()
+        .map(|&l| Key {
+            text: link_label(l).to_string(),
+            color: link_color(l),
+            dashed: false,
+        })
+        .collect();
+    let body = frame(
+        &root,
+        "Across hosts: one link at full speed between two network namespaces (veth), sync=false",
+        &keys,
+        &[
+            "The sender pushes 8 prepared frames in a loop (memfds for ucx); CPU of both \
+             processes per frame received. UCX over its TCP transport: no RDMA here."
+                .to_string(),
+            note.to_string(),
+        ],
+    )?;
+    let labels: Vec<String> = sizes.iter().map(|&(w, h)| size_label(w, h)).collect();
+    let x_range = (-0.5, sizes.len() as f64 - 0.5);
+    type Figure = for<'a, 'b> fn(&'a part3::Point<'b>) -> Option<part3::Spread>;
+    let panels: [(&str, &str, Figure); 2] = [
+        (
+            "CPU per frame, sender + receiver (lower is better)",
+            "CPU µs per frame (log scale)",
+            |p| p.total_us(),
+        ),
+        (
+            "Frames per second received (higher is better)",
+            "frames per second (log scale)",
+            |p| p.rate(),
+        ),
+    ];
+    let areas = body.split_evenly((1, 2));
+    for (area, (caption, y_desc, figure)) in areas.iter().zip(panels) {
+        let series: Vec<(Link, SpreadPoints)> = links
+            .iter()
+            .map(|&l| {
+                let pts = points
+                    .iter()
+                    .filter(|p| p.link == l)
+                    .filter_map(|p| {
+                        let x = sizes.iter().position(|&s| s == (p.width, p.height))?;
+                        let s = figure(p)?;
+                        Some((x as f64, s.median, s.min, s.max))
+                    })
+                    .collect::<Vec<_>>();
+                (l, pts)
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        if series.is_empty() {
+            empty(area, caption, "not measured")?;
+            continue;
+        }
+        let lo = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.2))
+            .fold(f64::INFINITY, f64::min);
+        let hi = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.3))
+            .fold(0f64, f64::max);
+        let (lo, hi) = log_bounds(lo.max(0.1), hi);
+        let labels = labels.clone();
+        let mut chart = builder(area, caption)
+            .build_cartesian_2d(
+                ticked(
+                    x_range.0..x_range.1,
+                    (0..sizes.len()).map(|i| i as f64).collect(),
+                ),
+                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+            )
+            .map_err(text)?;
+        let mut mesh = chart.configure_mesh();
+        mesh_style(&mut mesh);
+        mesh.x_desc("frame (NV12; I420 for rtp, the same size)")
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| {
+                labels
+                    .get(x.round().max(0.0) as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .y_label_formatter(&|y| number(*y))
+            .draw()
+            .map_err(text)?;
+        let k = series.len() as f64;
+        for (i, (l, pts)) in series.iter().enumerate() {
+            let c = link_color(*l);
+            let dx = (i as f64 - (k - 1.0) / 2.0) * 0.06;
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|p| (p.0 + dx, p.1)),
+                    c.stroke_width(3),
+                ))
+                .map_err(text)?;
+            chart
+                .draw_series(pts.iter().filter(|p| p.3 > p.2).map(|p| {
+                    ErrorBar::new_vertical(p.0 + dx, p.2, p.1, p.3, c.stroke_width(2), 12)
+                }))
+                .map_err(text)?;
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|p| Circle::new((p.0 + dx, p.1), 5, c.filled())),
+                )
+                .map_err(text)?;
+        }
+    }
+    root.present().map_err(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -963,7 +1133,8 @@ mod tests {
                 "cpu-vs-size.png",
                 "latency-cdf.png",
                 "latency-percentiles.png",
-                "link-rate.png"
+                "link-rate.png",
+                "cross-host.png"
             ]
         );
         for path in &written {
@@ -981,11 +1152,12 @@ mod tests {
         rows.retain(|r| r.transport == Transport::Bufshare);
         rows[1].failed = true;
         let written = draw_all(&saved, &dir.path).unwrap();
-        assert_eq!(written.len(), 5);
+        assert_eq!(written.len(), 6);
         written.iter().for_each(|p| check_png(p));
 
         saved.part2 = None;
         saved.part1 = None;
+        saved.part3 = None;
         assert!(draw_all(&saved, &dir.path).unwrap().is_empty());
     }
 

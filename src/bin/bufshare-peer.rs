@@ -12,11 +12,14 @@
 //!                       [--max-inflight N] [--max-held N] [--client-timeout MS] [--pool-max N]
 //!                       [--stats-every MS] [--sum-bytes N] [--eos-file PATH] [--slots N]
 //!                       [--frame-lines 0|1]
-//! (with --address HOST:PORT [--mode server|client] [--transports TLS]: ucxsink instead of
-//! bufsharesink, feature `ucx`)
+//! (with --address HOST:PORT [--mode server|client] [--transports TLS]
+//! [--when-full auto|drop-oldest|wait]: ucxsink instead of bufsharesink, feature `ucx`;
+//! `--live 0`: the `test` source is not live, it makes frames as fast as they are taken;
+//! `--sink-pool 0`: it does not use the pool the sink proposes; `--pattern P`: videotestsrc's
+//! pattern, ball by default; `--sync 0`: the sink does not sync to the clock)
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
-//!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N]
+//!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N] [--stats-every MS]
 //! (with --address HOST:PORT [--mode client|server] [--transports TLS]: ucxsrc instead of
 //! bufsharesrc, feature `ucx`)
 //! ```
@@ -41,9 +44,16 @@
 //! the first N bytes of each frame (0, the default: all of it), for big frames in debug builds.
 //!
 //! Consumers add `at=` (CLOCK_MONOTONIC ns when the frame was pulled) to each frame line, a
-//! `warning <text>` line per warning the pipeline posted, and end with `summary reconnects=..`.
+//! `warning <text>` line per warning the pipeline posted, and end with `summary reconnects=..`
+//! and `after-stop proc ...` (see below). With `--stats-every MS` both sides add `proc wall=..
+//! fds=.. sockets=.. memfds=.. ucx-registrations=..` lines (this process's open fds, sockets and
+//! memfds among them, and live UCX memory registrations), consumers `src wall=.. connected=..
+//! connections=.. frames-queued=.. registered-memories=..` lines from ucxsrc's stats; a
+//! producer's summary ends with the same `proc` figures taken after its pipeline stopped (a
+//! consumer's `after-stop`: stopped, and its appsink disposed).
 //! With `--hold N` frames of a producer that went away are still alive after a reconnect.
-//! Producers also report `backend <name in use>` and `stats <the sink's stats>`.
+//! Producers also report `backend <name in use>`, `stats <the sink's stats>` and a `warning
+//! <text>` line per warning the pipeline posted.
 //!
 //! Hardware tests (hwtests/) also use: `produce --source pipeline --pipeline "v4l2src ... ! caps"`,
 //! which feeds bufsharesink from a gst-launch style description (the free src pad of its last
@@ -214,8 +224,13 @@ impl Report {
     }
 }
 
-/// Runs the pipeline until EOS or error; returns whether it ended well.
-fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
+/// Runs the pipeline until EOS or error; returns whether it ended well. Warnings go to stderr
+/// and, given a report, into it as `warning <text>` lines.
+fn run_to_eos(
+    pipeline: &gst::Pipeline,
+    limit: Duration,
+    report: Option<&Report>,
+) -> Result<(), String> {
     let bus = pipeline.bus().unwrap();
     let deadline = Instant::now() + limit;
     loop {
@@ -236,7 +251,12 @@ fn run_to_eos(pipeline: &gst::Pipeline, limit: Duration) -> Result<(), String> {
         match msg.view() {
             gst::MessageView::Eos(_) => return Ok(()),
             gst::MessageView::Error(e) => return Err(format!("{} ({:?})", e.error(), e.debug())),
-            gst::MessageView::Warning(w) => eprintln!("warning: {} ({:?})", w.error(), w.debug()),
+            gst::MessageView::Warning(w) => {
+                eprintln!("warning: {} ({:?})", w.error(), w.debug());
+                if let Some(r) = report {
+                    r.push(format!("warning {}", w.error()));
+                }
+            }
             _ => {}
         }
     }
@@ -262,6 +282,7 @@ fn produce(args: &Args) -> Result<(), String> {
             .property("transports", args.str("transports", ""))
             .property("max-inflight", args.num("max-inflight", 4) as u32)
             .property("client-timeout", args.num("client-timeout", 3000) as u32)
+            .property_from_str("when-full", &args.str("when-full", "auto"))
             .build(),
         None => gst::ElementFactory::make("bufsharesink")
             .property("socket", &socket)
@@ -271,6 +292,9 @@ fn produce(args: &Args) -> Result<(), String> {
             .build(),
     }
     .map_err(|e| e.to_string())?;
+    if args.num("sync", 1) == 0 {
+        sink.set_property("sync", false);
+    }
     // Memory backend options map to the sink's properties of the same names.
     for prop in ["backend", "heap", "device"] {
         if let Some(v) = args.0.get(prop) {
@@ -293,7 +317,7 @@ fn produce(args: &Args) -> Result<(), String> {
             let (src, caps) = if source == "test" {
                 let format = args.str("format", "NV12");
                 let src = gst::ElementFactory::make("videotestsrc")
-                    .property_from_str("pattern", "ball")
+                    .property_from_str("pattern", &args.str("pattern", "ball"))
                     .build()
                     .map_err(|e| e.to_string())?;
                 let caps = gst::Caps::builder("video/x-raw")
@@ -316,7 +340,7 @@ fn produce(args: &Args) -> Result<(), String> {
                     .build();
                 (src, caps)
             };
-            src.set_property("is-live", true);
+            src.set_property("is-live", args.num("live", 1) != 0);
             src.set_property("num-buffers", frames as i32);
             let filter = gst::ElementFactory::make("capsfilter")
                 .property("caps", &caps)
@@ -324,7 +348,18 @@ fn produce(args: &Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             pipeline.add_many([&src, &filter]).unwrap();
             src.link(&filter).map_err(|e| e.to_string())?;
-            filter
+            if args.num("sink-pool", 1) == 0 {
+                // The source keeps its own (unbounded) pool: no pool of the sink's paces it.
+                let identity = gst::ElementFactory::make("identity")
+                    .property("drop-allocation", true)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                pipeline.add(&identity).unwrap();
+                filter.link(&identity).map_err(|e| e.to_string())?;
+                identity
+            } else {
+                filter
+            }
         }
         _ => {
             let appsrc = gst_app::AppSrc::builder()
@@ -480,7 +515,7 @@ fn produce(args: &Args) -> Result<(), String> {
     };
     // Long enough for the longest run the tests ask for (the soak test's duration comes with --frames).
     let limit = Duration::from_secs(120 + 2 * frames / fps.max(1) as u64);
-    let result = run_to_eos(&pipeline, limit);
+    let result = run_to_eos(&pipeline, limit, Some(&report));
     if let Some(t) = pusher_thread {
         let _ = t.join();
     }
@@ -510,7 +545,7 @@ fn produce(args: &Args) -> Result<(), String> {
     let freed = returned.load(Ordering::SeqCst);
     let pushed = rendered_count.load(Ordering::SeqCst);
     report.push(format!(
-        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} memfds-after-stop={memfds_after_stop} inodes={}",
+        "summary pushed={pushed} returned={returned_before_stop} made={} freed={freed} memfds-after-stop={memfds_after_stop} inodes={} after-stop: {}",
         made.load(Ordering::SeqCst),
         inodes
             .lock()
@@ -518,7 +553,8 @@ fn produce(args: &Args) -> Result<(), String> {
             .iter()
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        proc_line()
     ));
     report.push(format!(
         "backend {}",
@@ -527,6 +563,31 @@ fn produce(args: &Args) -> Result<(), String> {
     report.push(format!("stats {stats}"));
     report.write(&args.str("report", "-"));
     result
+}
+
+/// `proc wall=.. fds=.. sockets=.. memfds=.. ucx-registrations=..`: this process's open fds
+/// (all of them, the sockets and the memfds among them) and its live UCX memory registrations
+/// (-1 without the `ucx` feature), for leak checks.
+fn proc_line() -> String {
+    let (mut fds, mut sockets, mut memfds) = (0, 0, 0);
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        for e in dir.flatten() {
+            fds += 1;
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                let t = t.to_string_lossy();
+                sockets += t.starts_with("socket:") as u32;
+                memfds += t.starts_with("/memfd:") as u32;
+            }
+        }
+    }
+    #[cfg(feature = "ucx")]
+    let regs = ucx::live_registrations() as i64;
+    #[cfg(not(feature = "ucx"))]
+    let regs = -1;
+    format!(
+        "proc wall={} fds={fds} sockets={sockets} memfds={memfds} ucx-registrations={regs}",
+        monotonic_ns()
+    )
 }
 
 /// memfd fds open in this process.
@@ -546,6 +607,7 @@ fn own_memfds() -> usize {
 /// One `client ...` report line per consumer, from the sink's stats.
 fn sample_stats(sink: &gst::Element, report: &Report) {
     let stats = sink.property::<gst::Structure>("stats");
+    report.push(proc_line());
     let wall = monotonic_ns();
     let Ok(clients) = stats.get::<gst::Array>("clients") else {
         return;
@@ -555,12 +617,14 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             continue;
         };
         report.push(format!(
-            "client wall={wall} pid={} in-flight={} peak={} sent={} dropped={} held={} by-ring={} by-message={}",
+            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} skipped={} held={} by-ring={} by-message={}",
             c.get::<i32>("pid").unwrap_or(0),
+            c.get::<u64>("client-id").unwrap_or(0),
             c.get::<u32>("frames-in-flight").unwrap_or(0),
             c.get::<u32>("frames-in-flight-peak").unwrap_or(0),
             c.get::<u64>("frames-sent").unwrap_or(0),
             c.get::<u64>("frames-dropped").unwrap_or(0),
+            c.get::<u64>("frames-skipped").unwrap_or(0),
             stats.get::<u32>("frames-held").unwrap_or(0),
             c.get::<u64>("released-by-ring").unwrap_or(0),
             c.get::<u64>("released-by-message").unwrap_or(0),
@@ -890,7 +954,7 @@ fn consume(args: &Args) -> Result<(), String> {
         lines: Mutex::new(Vec::new()),
     };
     if pipeline.set_state(gst::State::Playing).is_err() {
-        let err = run_to_eos(&pipeline, Duration::from_secs(1))
+        let err = run_to_eos(&pipeline, Duration::from_secs(1), None)
             .err()
             .unwrap_or_default();
         return Err(format!("cannot start: {err}"));
@@ -899,8 +963,23 @@ fn consume(args: &Args) -> Result<(), String> {
     let mut count = 0;
     let bus = pipeline.bus().unwrap();
     let mut error = None;
+    let every = Duration::from_millis(args.num("stats-every", 0));
+    let mut next_sample = Instant::now();
     let result = loop {
         drain_bus(&bus, &report, &mut error);
+        if !every.is_zero() && Instant::now() >= next_sample {
+            next_sample = Instant::now() + every;
+            report.push(proc_line());
+            let stats = src.property::<gst::Structure>("stats");
+            report.push(format!(
+                "src wall={} connected={} connections={} frames-queued={} registered-memories={}",
+                monotonic_ns(),
+                stats.get::<bool>("connected").unwrap_or(false),
+                stats.get::<u64>("connections").unwrap_or(0),
+                stats.get::<u32>("frames-queued").unwrap_or(0),
+                stats.get::<u32>("registered-memories").unwrap_or(0),
+            ));
+        }
         if count >= max_frames {
             break Ok(());
         }
@@ -952,6 +1031,11 @@ fn consume(args: &Args) -> Result<(), String> {
     report.push(format!("summary reconnects={reconnects}"));
     drop(held);
     pipeline.set_state(gst::State::Null).unwrap();
+    // The appsink keeps the last buffers it had queued until it is disposed (seen: two
+    // frames); the source element stays, stopped, so that what it kept would show.
+    let _ = pipeline.remove(&sink);
+    drop(sink);
+    report.push(format!("after-stop {}", proc_line()));
     report.write(&args.str("report", "-"));
     result
 }
@@ -989,12 +1073,12 @@ fn consume_into(
             gst::PadProbeReturn::Ok
         });
     let result = if pipeline.set_state(gst::State::Playing).is_err() {
-        let err = run_to_eos(pipeline, Duration::from_secs(1))
+        let err = run_to_eos(pipeline, Duration::from_secs(1), None)
             .err()
             .unwrap_or_default();
         Err(format!("cannot start: {err}"))
     } else {
-        run_to_eos(pipeline, Duration::from_secs(120))
+        run_to_eos(pipeline, Duration::from_secs(120), Some(&report))
     };
     pipeline.set_state(gst::State::Null).unwrap();
     report.write(report_path);

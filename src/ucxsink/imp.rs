@@ -38,6 +38,29 @@ struct Settings {
     allowed_hosts: String,
     max_inflight: u32,
     client_timeout_ms: u32,
+    when_full: WhenFull,
+}
+
+/// What `render` does with a frame when no receiver can take one now (`when-full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstBufShareUcxWhenFull")]
+pub enum WhenFull {
+    #[enum_value(
+        name = "Auto: wait if upstream is not live (a file, sync=false), else drop-oldest",
+        nick = "auto"
+    )]
+    Auto,
+    #[enum_value(
+        name = "Drop-oldest: never wait; at most 4 frames queue, the oldest is dropped, and a receiver at its grant skips frames",
+        nick = "drop-oldest"
+    )]
+    DropOldest,
+    #[enum_value(
+        name = "Wait: hold the streaming thread until a receiver has room in its grant (or there is no receiver)",
+        nick = "wait"
+    )]
+    Wait,
 }
 
 impl Default for Settings {
@@ -49,6 +72,7 @@ impl Default for Settings {
             allowed_hosts: String::new(),
             max_inflight: DEFAULT_MAX_INFLIGHT,
             client_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
+            when_full: WhenFull::Auto,
         }
     }
 }
@@ -60,12 +84,16 @@ struct State {
     next_frame_id: u64,
     frames_rendered: u64,
     time_map: TimeMapCache,
+    /// Whether render waits for room (`when-full`, upstream's liveness asked once).
+    wait_for_room: Option<bool>,
 }
 
 #[derive(Default)]
 pub struct UcxSink {
     settings: Mutex<Settings>,
     state: Mutex<State>,
+    /// unlock() was called: a render waiting for room returns.
+    unlocked: std::sync::atomic::AtomicBool,
 }
 
 #[glib::object_subclass]
@@ -114,6 +142,11 @@ impl ObjectImpl for UcxSink {
                     .default_value(DEFAULT_CLIENT_TIMEOUT_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("when-full", WhenFull::Auto)
+                    .nick("When no receiver has room")
+                    .blurb("What a frame does when every receiver holds its grant (max-inflight) of frames: wait for room (the sender goes at the link's pace, no frame is dropped for a lack of room: right for files and sync=false), or drop-oldest (the streaming thread never waits: right for live sources). auto: wait unless upstream is live")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("num-clients")
                     .nick("Number of receivers")
                     .blurb("Receivers connected and past the handshake")
@@ -160,6 +193,7 @@ impl ObjectImpl for UcxSink {
             }
             "max-inflight" => s.max_inflight = value.get().expect("type checked upstream"),
             "client-timeout" => s.client_timeout_ms = value.get().expect("type checked upstream"),
+            "when-full" => s.when_full = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -173,6 +207,7 @@ impl ObjectImpl for UcxSink {
             "allowed-hosts" => s.allowed_hosts.to_value(),
             "max-inflight" => s.max_inflight.to_value(),
             "client-timeout" => s.client_timeout_ms.to_value(),
+            "when-full" => s.when_full.to_value(),
             "num-clients" => {
                 drop(s);
                 let state = self.state.lock().unwrap();
@@ -257,6 +292,21 @@ impl BaseSinkImpl for UcxSink {
         Ok(())
     }
 
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        self.unlocked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(server) = &self.state.lock().unwrap().server {
+            server.wake_waiters();
+        }
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.unlocked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         let state = std::mem::take(&mut *self.state.lock().unwrap());
         drop(state);
@@ -329,6 +379,51 @@ impl BaseSinkImpl for UcxSink {
     }
 
     fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        // Neither lock is held while asking upstream (a pad query).
+        let (server, decided) = {
+            let state = self.state.lock().unwrap();
+            (state.server.clone(), state.wait_for_room)
+        };
+        let Some(server) = server else {
+            return Err(gst::FlowError::Flushing);
+        };
+        let wait = match decided {
+            Some(w) => w,
+            None => {
+                let when_full = self.settings.lock().unwrap().when_full;
+                let w = match when_full {
+                    WhenFull::Wait => true,
+                    WhenFull::DropOldest => false,
+                    WhenFull::Auto => {
+                        let upstream_live = self
+                            .obj()
+                            .query_latency()
+                            .map(|(_, upstream_live, _, _)| upstream_live)
+                            .unwrap_or(true);
+                        gst::info!(
+                            CAT,
+                            imp = self,
+                            "upstream is {}live: {}",
+                            if upstream_live { "" } else { "not " },
+                            if upstream_live {
+                                "drop-oldest"
+                            } else {
+                                "waiting for room"
+                            }
+                        );
+                        !upstream_live
+                    }
+                };
+                self.state.lock().unwrap().wait_for_room = Some(w);
+                w
+            }
+        };
+        let wait = wait.then_some(server);
+        if let Some(server) = wait {
+            if !server.wait_for_room(&self.unlocked) {
+                return Err(gst::FlowError::Flushing);
+            }
+        }
         let mut state = self.state.lock().unwrap();
         if state.server.is_none() {
             return Err(gst::FlowError::Flushing);

@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use crate::clock::monotonic_now;
 use crate::protocol::{self, Message, Role};
 use crate::transport::unix::Waker;
 use crate::ucxio::{self, FreedQueue, Mode, Regions};
+use crate::ucxwatch;
 use crate::ucxwire::{self, AllowList, AM_CTRL, AM_FRAME, AM_TIME};
 
 use super::imp::CAT;
@@ -106,6 +107,8 @@ pub struct Status {
     pub sends_copied: u64,
     /// EOS went out and every send to a receiver completed.
     pub eos_flushed: bool,
+    /// Some ready receiver has room in its grant, or there is no ready receiver.
+    pub room: bool,
 }
 
 /// What the streaming thread and the I/O thread share.
@@ -115,6 +118,10 @@ pub struct Shared {
     quit: AtomicBool,
     status: Mutex<Status>,
     cond: Condvar,
+    /// Frames queued for the I/O thread, not yet taken.
+    frames_queued: AtomicUsize,
+    /// Signalled (with `status`) when `room` or `frames_queued` may have changed.
+    room_cond: Condvar,
 }
 
 impl Shared {
@@ -125,9 +132,11 @@ impl Shared {
             if frames >= MAX_QUEUED_FRAMES {
                 if let Some(i) = q.iter().position(|c| matches!(c, Cmd::Frame(_))) {
                     q.remove(i);
+                    self.frames_queued.fetch_sub(1, Ordering::SeqCst);
                     self.status.lock().unwrap().frames_dropped_queue += 1;
                 }
             }
+            self.frames_queued.fetch_add(1, Ordering::SeqCst);
         }
         q.push_back(cmd);
         drop(q);
@@ -149,8 +158,13 @@ impl Server {
             cmds: Mutex::new(VecDeque::new()),
             waker,
             quit: AtomicBool::new(false),
-            status: Mutex::new(Status::default()),
+            status: Mutex::new(Status {
+                room: true,
+                ..Status::default()
+            }),
             cond: Condvar::new(),
+            frames_queued: AtomicUsize::new(0),
+            room_cond: Condvar::new(),
         });
         let sh = shared.clone();
         let thread = crate::ucxio::spawn_io_thread(
@@ -188,6 +202,33 @@ impl Server {
         true
     }
 
+    /// Waits until the previous frame was taken by the I/O thread and a receiver has room in
+    /// its grant (or none is connected). False: `cancel` was set (unlock) or the thread quit.
+    pub fn wait_for_room(&self, cancel: &AtomicBool) -> bool {
+        let mut st = self.shared.status.lock().unwrap();
+        loop {
+            if cancel.load(Ordering::SeqCst) || self.shared.quit.load(Ordering::SeqCst) {
+                return false;
+            }
+            if st.room && self.shared.frames_queued.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            // The timeout only bounds a missed wake-up.
+            st = self
+                .shared
+                .room_cond
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Wakes a render waiting for room (to look at its cancel flag).
+    pub fn wake_waiters(&self) {
+        let _st = self.shared.status.lock().unwrap();
+        self.shared.room_cond.notify_all();
+    }
+
     pub fn clear_eos(&self) {
         self.shared.push(Cmd::ClearEos);
     }
@@ -201,6 +242,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::SeqCst);
         self.shared.waker.wake();
+        self.wake_waiters();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -263,6 +305,8 @@ struct Io {
     /// The set of receivers changed: notify num-clients.
     changed: bool,
     frame_header: Vec<u8>,
+    /// UCX's log into ours; strangers on the listening port.
+    watch: ucxwatch::Watch,
     regions: Regions,
 }
 
@@ -297,12 +341,15 @@ impl Io {
             .set_am_handler(AM_FRAME, |_| {})
             .map_err(|e| format!("UCX AM handler: {e}"))?;
         let conns: Rc<RefCell<VecDeque<ucx::ConnRequest>>> = Rc::default();
+        // Registered before binding: UCX logs why a bind failed.
+        let mut watch = ucxwatch::watch(element.clone(), *CAT);
         let listener = match cfg.mode {
             Mode::Server => {
                 let c = conns.clone();
                 let l =
                     ucx::Listener::bind(&worker, cfg.address, move |r| c.borrow_mut().push_back(r))
                         .map_err(|e| format!("cannot listen on {}: {e}", cfg.address))?;
+                watch.listening(l.local_addr().unwrap_or(cfg.address));
                 gst::info!(
                     CAT,
                     "listening on {}",
@@ -336,6 +383,7 @@ impl Io {
             warned_metas: false,
             changed: false,
             frame_header: Vec::new(),
+            watch,
             regions,
         })
     }
@@ -361,6 +409,7 @@ impl Io {
             self.handle_cmds();
             self.poll_sends();
             self.check_peers();
+            self.watch.poll();
             self.publish();
             if std::mem::take(&mut self.changed) {
                 if let Some(e) = self.element.upgrade() {
@@ -383,6 +432,7 @@ impl Io {
                 return;
             };
             let peer = req.peer_addr();
+            self.watch.handshake(peer);
             if !self.cfg.allowed.allows(peer.map(|a| a.ip())) {
                 self.warn(&format!(
                     "refused a connection from {}: not in allowed-hosts",
@@ -647,7 +697,16 @@ impl Io {
                     self.broadcast(&Message::Eos);
                 }
                 Cmd::ClearEos => self.eos = false,
-                Cmd::Frame(f) => self.fan_out(*f),
+                Cmd::Frame(f) => {
+                    self.fan_out(*f);
+                    // The frame counts as queued until `room` says what its sends left: a
+                    // render waiting for room must not see the old `room` with no frame queued.
+                    let mut st = self.shared.status.lock().unwrap();
+                    st.room = self.room();
+                    self.shared.frames_queued.fetch_sub(1, Ordering::SeqCst);
+                    drop(st);
+                    self.shared.room_cond.notify_all();
+                }
             }
         }
     }
@@ -914,6 +973,14 @@ impl Io {
             })
             .collect();
         st.registered_memories = self.regions.len() as u32;
+        st.room = self.room();
+        self.shared.room_cond.notify_all();
+    }
+
+    /// Some ready receiver has room in its grant, or there is none.
+    fn room(&self) -> bool {
+        let mut ready = self.peers.iter().filter(|p| p.ready).peekable();
+        ready.peek().is_none() || ready.any(|p| (p.inflight.len() as u32) < p.granted)
     }
 
     fn shutdown(&mut self) {

@@ -20,6 +20,7 @@ glib::wrapper! {
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     crate::ucxio::Mode::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    imp::WhenFull::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "ucxsink",

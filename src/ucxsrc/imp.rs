@@ -121,7 +121,7 @@ impl ObjectImpl for UcxSrc {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("frames-received, frames-rendezvous (pulled straight into our memory), frames-pushed, frames-skipped (by the sender: gaps in frame ids; the next buffer is DISCONT), frames-dropped-late, connections, connected, clock-offset (sender's CLOCK_MONOTONIC minus ours, ns), round-trip (ns, of the best clock measurement), registered-memories")
+                    .blurb("frames-received, frames-rendezvous (pulled straight into our memory), frames-pushed, frames-skipped (by the sender: gaps in frame ids; the next buffer is DISCONT), frames-dropped-late, connections, connected, clock-offset (sender's CLOCK_MONOTONIC minus ours, ns), round-trip (ns, of the best clock measurement), registered-memories, frames-queued (received or being received, not yet pushed)")
                     .read_only()
                     .build(),
             ]
@@ -231,6 +231,7 @@ impl UcxSrc {
             .field("clock-offset", status.clock_offset)
             .field("round-trip", status.rtt)
             .field("registered-memories", status.registered_memories)
+            .field("frames-queued", status.frames_queued)
             .build()
     }
 
@@ -337,14 +338,17 @@ impl BaseSrcImpl for UcxSrc {
         };
         self.delivery.lock().unwrap().reset();
         let timeout = Duration::from_millis(s.timeout_ms);
-        let receiver = Receiver::start(Config {
-            address,
-            mode: s.mode,
-            transports: s.transports.clone(),
-            allowed,
-            timeout,
-            max_inflight: 0,
-        })
+        let receiver = Receiver::start(
+            Config {
+                address,
+                mode: s.mode,
+                transports: s.transports.clone(),
+                allowed,
+                timeout,
+                max_inflight: 0,
+            },
+            self.obj().upcast_ref::<gst::Element>().downgrade(),
+        )
         .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
         if s.mode == Mode::Client && s.on_disconnect != OnDisconnect::Reconnect {
             // Wait for the sender's HELLO, or the reason it did not come.

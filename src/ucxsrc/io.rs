@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bufshare_backends::memfd::MemfdBackend;
+use gst::glib;
 use gst::prelude::*;
 
 use crate::clock::monotonic_now;
@@ -27,6 +28,7 @@ use crate::pool::BackendBufferPool;
 use crate::protocol::{self, Message, Role};
 use crate::transport::unix::Waker;
 use crate::ucxio::{self, FreedQueue, Mode, Regions};
+use crate::ucxwatch;
 use crate::ucxwire::{self, AllowList, ClockSync, AM_CTRL, AM_FRAME, AM_TIME};
 
 use super::imp::CAT;
@@ -83,6 +85,8 @@ pub struct Status {
     pub frames_received: u64,
     pub frames_rendezvous: u64,
     pub registered_memories: u32,
+    /// Frames received or being received, not yet taken by the streaming thread.
+    pub frames_queued: u32,
 }
 
 pub struct Shared {
@@ -117,7 +121,7 @@ pub struct Receiver {
 
 impl Receiver {
     /// Starts the I/O thread; returns once it listens (server) or has its context (client).
-    pub fn start(cfg: Config) -> Result<Receiver, String> {
+    pub fn start(cfg: Config, element: glib::WeakRef<gst::Element>) -> Result<Receiver, String> {
         let waker = Arc::new(Waker::new().map_err(|e| format!("eventfd: {e}"))?);
         let shared = Arc::new(Shared {
             items: Mutex::new(VecDeque::new()),
@@ -131,7 +135,7 @@ impl Receiver {
         let sh = shared.clone();
         let thread = crate::ucxio::spawn_io_thread(
             "ucxsrc-io",
-            move || Io::new(cfg, sh),
+            move || Io::new(cfg, sh, element),
             |mut io| io.run(),
         )?;
         Ok(Receiver {
@@ -204,11 +208,17 @@ struct Io {
     /// A fatal error was reported: no more connections.
     dead: bool,
     pool: Option<(BackendBufferPool, usize)>,
+    /// UCX's log into ours; strangers on the listening port.
+    watch: ucxwatch::Watch,
     regions: Regions,
 }
 
 impl Io {
-    fn new(cfg: Config, shared: Arc<Shared>) -> Result<Io, String> {
+    fn new(
+        cfg: Config,
+        shared: Arc<Shared>,
+        element: glib::WeakRef<gst::Element>,
+    ) -> Result<Io, String> {
         let ctx = ucxio::context("ucxsrc", &cfg.transports)
             .map_err(|e| format!("UCX context (transports '{}'): {e}", cfg.transports))?;
         let worker = ucx::Worker::new(&ctx).map_err(|e| format!("UCX worker: {e}"))?;
@@ -237,12 +247,15 @@ impl Io {
                 .map_err(|e| format!("UCX AM handler: {e}"))?;
         }
         let conns: Rc<RefCell<VecDeque<ucx::ConnRequest>>> = Rc::default();
+        // Registered before binding: UCX logs why a bind failed.
+        let mut watch = ucxwatch::watch(element, *CAT);
         let listener = match cfg.mode {
             Mode::Server => {
                 let c = conns.clone();
                 let l =
                     ucx::Listener::bind(&worker, cfg.address, move |r| c.borrow_mut().push_back(r))
                         .map_err(|e| format!("cannot listen on {}: {e}", cfg.address))?;
+                watch.listening(l.local_addr().unwrap_or(cfg.address));
                 Some(l)
             }
             Mode::Client => None,
@@ -263,6 +276,7 @@ impl Io {
             retry_at: Instant::now(),
             dead: false,
             pool: None,
+            watch,
             regions,
         })
     }
@@ -277,6 +291,7 @@ impl Io {
             self.send_acks();
             self.deliver();
             self.check_conn();
+            self.watch.poll();
             self.sends.retain_mut(|r| !r.is_complete());
             let busy = self
                 .order
@@ -313,6 +328,7 @@ impl Io {
                 return;
             };
             let peer = req.peer_addr();
+            self.watch.handshake(peer);
             let who = peer.map_or("an unknown address".into(), |a| a.to_string());
             if !self.cfg.allowed.allows(peer.map(|a| a.ip())) {
                 gst::warning!(CAT, "refused a connection from {who}: not in allowed-hosts");
@@ -692,11 +708,20 @@ impl Io {
                 }
             }
         }
-        self.shared.status.lock().unwrap().registered_memories = self.regions.len() as u32;
-        if !out.is_empty() {
-            self.shared.items.lock().unwrap().extend(out);
-            self.shared.cond.notify_all();
-        }
+        let waiting = {
+            let mut items = self.shared.items.lock().unwrap();
+            if !out.is_empty() {
+                items.extend(out);
+                self.shared.cond.notify_all();
+            }
+            items
+                .iter()
+                .filter(|i| matches!(i, Item::Frame { .. }))
+                .count()
+        };
+        let mut st = self.shared.status.lock().unwrap();
+        st.registered_memories = self.regions.len() as u32;
+        st.frames_queued = (self.order.len() + waiting) as u32;
     }
 
     fn check_conn(&mut self) {

@@ -86,6 +86,21 @@ const _: () = {
     ["Offset of field: sockaddr_storage::__ss_align"]
         [::core::mem::offset_of!(sockaddr_storage, __ss_align) - 120usize];
 };
+pub const UCS_LOG_LEVEL_FATAL: ucs_log_level_t = 0;
+pub const UCS_LOG_LEVEL_ERROR: ucs_log_level_t = 1;
+pub const UCS_LOG_LEVEL_WARN: ucs_log_level_t = 2;
+pub const UCS_LOG_LEVEL_DIAG: ucs_log_level_t = 3;
+pub const UCS_LOG_LEVEL_INFO: ucs_log_level_t = 4;
+pub const UCS_LOG_LEVEL_DEBUG: ucs_log_level_t = 5;
+pub const UCS_LOG_LEVEL_TRACE: ucs_log_level_t = 6;
+pub const UCS_LOG_LEVEL_TRACE_REQ: ucs_log_level_t = 7;
+pub const UCS_LOG_LEVEL_TRACE_DATA: ucs_log_level_t = 8;
+pub const UCS_LOG_LEVEL_TRACE_ASYNC: ucs_log_level_t = 9;
+pub const UCS_LOG_LEVEL_TRACE_FUNC: ucs_log_level_t = 10;
+pub const UCS_LOG_LEVEL_TRACE_POLL: ucs_log_level_t = 11;
+pub const UCS_LOG_LEVEL_LAST: ucs_log_level_t = 12;
+pub const UCS_LOG_LEVEL_PRINT: ucs_log_level_t = 13;
+pub type ucs_log_level_t = ::core::ffi::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ucs_sock_addr {
@@ -101,6 +116,27 @@ const _: () = {
         [::core::mem::offset_of!(ucs_sock_addr, addrlen) - 8usize];
 };
 pub type ucs_sock_addr_t = ucs_sock_addr;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ucs_log_component_config {
+    pub log_level: ucs_log_level_t,
+    pub name: [::core::ffi::c_char; 16usize],
+    pub file_filter: *const ::core::ffi::c_char,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ucs_log_component_config"]
+        [::core::mem::size_of::<ucs_log_component_config>() - 32usize];
+    ["Alignment of ucs_log_component_config"]
+        [::core::mem::align_of::<ucs_log_component_config>() - 8usize];
+    ["Offset of field: ucs_log_component_config::log_level"]
+        [::core::mem::offset_of!(ucs_log_component_config, log_level) - 0usize];
+    ["Offset of field: ucs_log_component_config::name"]
+        [::core::mem::offset_of!(ucs_log_component_config, name) - 4usize];
+    ["Offset of field: ucs_log_component_config::file_filter"]
+        [::core::mem::offset_of!(ucs_log_component_config, file_filter) - 24usize];
+};
+pub type ucs_log_component_config_t = ucs_log_component_config;
 pub type ucp_tag_recv_info_t = ucp_tag_recv_info;
 pub type ucp_am_recv_param_t = ucp_am_recv_param;
 #[repr(C)]
@@ -318,6 +354,7 @@ const _: () = {
     ["Offset of field: ucs_cpu_set_t::ucs_bits"]
         [::core::mem::offset_of!(ucs_cpu_set_t, ucs_bits) - 0usize];
 };
+pub type va_list = __builtin_va_list;
 pub const UCP_PARAM_FIELD_FEATURES: ucp_params_field = 1;
 pub const UCP_PARAM_FIELD_REQUEST_SIZE: ucp_params_field = 2;
 pub const UCP_PARAM_FIELD_REQUEST_INIT: ucp_params_field = 4;
@@ -931,3 +968,48 @@ unsafe extern "C" {
 unsafe extern "C" {
     pub fn ucp_request_free(request: *mut ::core::ffi::c_void);
 }
+pub const UCS_LOG_FUNC_RC_STOP: ucs_log_func_rc_t = 0;
+pub const UCS_LOG_FUNC_RC_CONTINUE: ucs_log_func_rc_t = 1;
+pub type ucs_log_func_rc_t = ::core::ffi::c_uint;
+pub type ucs_log_func_t = ::core::option::Option<
+    unsafe extern "C" fn(
+        file: *const ::core::ffi::c_char,
+        line: ::core::ffi::c_uint,
+        function: *const ::core::ffi::c_char,
+        level: ucs_log_level_t,
+        comp_conf: *const ucs_log_component_config_t,
+        message: *const ::core::ffi::c_char,
+        ap: *mut __va_list_tag,
+    ) -> ucs_log_func_rc_t,
+>;
+unsafe extern "C" {
+    pub fn ucs_log_push_handler(handler: ucs_log_func_t);
+}
+unsafe extern "C" {
+    pub fn ucs_log_pop_handler();
+}
+unsafe extern "C" {
+    pub fn ucs_log_num_handlers() -> ::core::ffi::c_uint;
+}
+pub type __builtin_va_list = [__va_list_tag; 1usize];
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct __va_list_tag {
+    pub gp_offset: ::core::ffi::c_uint,
+    pub fp_offset: ::core::ffi::c_uint,
+    pub overflow_arg_area: *mut ::core::ffi::c_void,
+    pub reg_save_area: *mut ::core::ffi::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of __va_list_tag"][::core::mem::size_of::<__va_list_tag>() - 24usize];
+    ["Alignment of __va_list_tag"][::core::mem::align_of::<__va_list_tag>() - 8usize];
+    ["Offset of field: __va_list_tag::gp_offset"]
+        [::core::mem::offset_of!(__va_list_tag, gp_offset) - 0usize];
+    ["Offset of field: __va_list_tag::fp_offset"]
+        [::core::mem::offset_of!(__va_list_tag, fp_offset) - 4usize];
+    ["Offset of field: __va_list_tag::overflow_arg_area"]
+        [::core::mem::offset_of!(__va_list_tag, overflow_arg_area) - 8usize];
+    ["Offset of field: __va_list_tag::reg_save_area"]
+        [::core::mem::offset_of!(__va_list_tag, reg_save_area) - 16usize];
+};

@@ -56,6 +56,7 @@ fn bindings_match_installed_headers() {
         size ucp_request_param_t: op_attr_mask, flags, request, cb, user_data, memh;
         size ucp_am_handler_param_t: field_mask, id, flags, cb, arg;
         size ucp_am_recv_param_t: recv_attr, reply_ep;
+        size ucs_log_component_config_t: log_level, name, file_filter;
         const UCP_API_MAJOR;
         const UCP_API_MINOR;
         const UCS_OK;
@@ -93,6 +94,14 @@ fn bindings_match_installed_headers() {
         const UCP_AM_HANDLER_PARAM_FIELD_ID;
         const UCP_AM_HANDLER_PARAM_FIELD_CB;
         const UCP_AM_HANDLER_PARAM_FIELD_ARG;
+        const UCS_LOG_LEVEL_FATAL;
+        const UCS_LOG_LEVEL_ERROR;
+        const UCS_LOG_LEVEL_WARN;
+        const UCS_LOG_LEVEL_DIAG;
+        const UCS_LOG_LEVEL_INFO;
+        const UCS_LOG_LEVEL_DEBUG;
+        const UCS_LOG_FUNC_RC_STOP;
+        const UCS_LOG_FUNC_RC_CONTINUE;
     };
     let dir = std::env::temp_dir().join(format!("ucx-sys-layout-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -101,7 +110,7 @@ fn bindings_match_installed_headers() {
     std::fs::write(
         &src,
         format!(
-            "#include <stddef.h>\n#include <stdio.h>\n#include <ucp/api/ucp.h>\n\
+            "#include <stddef.h>\n#include <stdio.h>\n#include <ucp/api/ucp.h>\n#include <ucs/debug/log_def.h>\n\
              int main(void) {{\n{body}return 0;\n}}\n"
         ),
     )

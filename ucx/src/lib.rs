@@ -37,6 +37,7 @@
 mod context;
 mod endpoint;
 mod error;
+pub mod log;
 mod memory;
 mod sockaddr;
 mod worker;
@@ -44,7 +45,7 @@ mod worker;
 pub use context::{Context, ContextBuilder};
 pub use endpoint::{ConnRequest, Endpoint, Listener};
 pub use error::{Error, Result, Status};
-pub use memory::{MemoryRegion, RegionSlice};
+pub use memory::{live_registrations, MemoryRegion, RegionSlice};
 pub use worker::{AmMessage, Arm, Payload, Proto, Request, RndvData, Worker};
 
 /// The version of the UCX library loaded at run time, as (major, minor, release).

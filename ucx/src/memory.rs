@@ -1,11 +1,21 @@
 use std::ops::Range;
 use std::ptr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ucx_sys as sys;
 
 use crate::context::{Context, ContextInner};
 use crate::error::{Error, Result, Status};
+
+/// Registrations (`ucp_mem_map`) of this process not yet unmapped, over all contexts.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many memory registrations made through this crate are live in the process (mapped
+/// with `ucp_mem_map`, not yet `ucp_mem_unmap`ped): for leak checks.
+pub fn live_registrations() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
 
 /// Memory registered with UCX (`ucp_mem_map`), so that sends and rendezvous receives skip the
 /// per-operation registration. Cheap to clone; unmapped (`ucp_mem_unmap`) when the last clone
@@ -29,6 +39,7 @@ impl Drop for RegionInner {
         // SAFETY: memh from ucp_mem_map on ctx, still alive (we hold it); no request uses the
         // region any more (requests hold a clone).
         unsafe { sys::ucp_mem_unmap(self.ctx.h, self.memh) };
+        LIVE.fetch_sub(1, Ordering::Relaxed);
         if self.owned {
             // SAFETY: our own anonymous mapping of len bytes.
             unsafe { libc::munmap(self.ptr.cast(), self.len) };
@@ -95,6 +106,7 @@ impl MemoryRegion {
             sys::ucp_mem_map(ctx.inner.h, &params, &mut memh),
             "ucp_mem_map",
         )?;
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Ok(MemoryRegion {
             inner: Rc::new(RegionInner {
                 ctx: ctx.inner.clone(),
