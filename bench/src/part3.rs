@@ -379,7 +379,10 @@ fn measure(
     let (a, b) = (SENDER_IP, RECEIVER_IP);
     let (sender, receiver) = match link {
         Link::Ucx => (
-            format!("{source} ! ucxsink address={a}:{port} transports=tcp sync=false"),
+            format!(
+                "{source} ! ucxsink address={a}:{port} transports=tcp sync=false {}",
+                std::env::var("BUFSHARE_BENCH_UCXSINK_PROPS").unwrap_or_default()
+            ),
             format!(
                 "ucxsrc name=read0 address={a}:{port} transports=tcp timeout=20000 ! \
                  fakesink sync=false"

@@ -27,7 +27,7 @@ pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-const DEFAULT_MAX_INFLIGHT: u32 = 4;
+const DEFAULT_MAX_INFLIGHT: u32 = 8;
 const DEFAULT_CLIENT_TIMEOUT_MS: u32 = 3000;
 
 #[derive(Debug, Clone)]
