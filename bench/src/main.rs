@@ -119,7 +119,9 @@ environment:
                      has unixfdsink/unixfdsrc (e.g. /opt/gst-1.24); the unixfd
                      children run on it (its lib/<multiarch>/gstreamer-1.0 and
                      lib on GST_PLUGIN_SYSTEM_PATH_1_0 and LD_LIBRARY_PATH).
-                     Without it, unixfd is measured only if this GStreamer has it.";
+                     Without it, unixfd is measured only if this GStreamer has it.
+  BUFSHARE_BENCH_UCXSINK_PROPS=\"PROPS\"  extra ucxsink properties of part 3,
+                     e.g. max-inflight=4";
 
 #[derive(Debug)]
 struct Options {
