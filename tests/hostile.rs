@@ -249,6 +249,45 @@ fn hostile_ring(c: &UnixChannel) -> OwnedFd {
     }
 }
 
+/// Handshakes asking for a frame ring and returns the ring's fd (read and
+/// write, as a consumer gets it) and the doorbell's, from the sink's first
+/// messages.
+fn hostile_frame_ring(c: &UnixChannel) -> (OwnedFd, OwnedFd) {
+    use protocol::frame_ring::FEATURE_FRAME_RING;
+    send(
+        c,
+        &Message::Hello(protocol::Hello {
+            version: protocol::VERSION,
+            role: Role::Consumer,
+            features: FEATURE_FRAME_RING,
+        }),
+        &[],
+    );
+    let mut ring = None;
+    loop {
+        match recv_msg(c) {
+            Some((Message::FrameRing { .. }, mut fds)) => ring = fds.pop(),
+            Some((Message::Doorbell, mut fds)) => return (ring.unwrap(), fds.pop().unwrap()),
+            Some(_) => continue,
+            None => panic!("no FRAME_RING and DOORBELL from the sink"),
+        }
+    }
+}
+
+/// Waits until the sink has written `n` entries to a frame ring.
+fn wait_for_entries(ring: &OwnedFd, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut word = [0u8; 8];
+        rustix::io::pread(ring, &mut word, protocol::frame_ring::WRITTEN_OFFSET as u64).unwrap();
+        if u64::from_le_bytes(word) >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no frames in the frame ring");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `value` as the u64 at `offset` of a ring (a consumer may write
 /// anything anywhere in it).
 fn poke(ring: &OwnedFd, offset: usize, value: u64) {
@@ -404,6 +443,47 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
             poke(&ring, WRITE_OFFSET, 1);
         },
         "release ring names frame 57005, which it does not hold",
+    ),
+    (
+        "frame ring read count ahead of what was written",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, 5000);
+        },
+        "frame ring read count 5000 is not within 64 entries before the",
+    ),
+    (
+        "frame ring read count that goes back",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            wait_for_entries(&ring, 1);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, u64::MAX - 3);
+        },
+        "frame ring read count 18446744073709551612 is not within 64 entries",
+    ),
+    (
+        "frame ring sleep flag that is neither 0 nor 1",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 0xbad);
+        },
+        "frame ring sleep flag is 2989, neither 0 nor 1",
+    ),
+    (
+        "frame ring doorbell closed and entries scribbled over",
+        |c| {
+            // Only hurts itself: no fault, but it takes nothing and is
+            // dropped as it would be for a closed socket.
+            let (ring, bell) = hostile_frame_ring(c);
+            drop(bell);
+            poke(&ring, protocol::frame_ring::SLOTS_OFFSET + 8, u64::MAX);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 1);
+            wait_for_entries(&ring, 1);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 1);
+            wait_for_entries(&ring, 2);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, u64::MAX);
+        },
+        "frame ring read count 18446744073709551615",
     ),
     (
         "RELEASE with more ids than allowed",
