@@ -7,9 +7,12 @@
 //! and stores and the doorbell's one-byte sends. It sits next to the release
 //! ring ([`super::ring`]) and shares its mapping code.
 //!
-//! The other process changes the mapping at any time, so every access is an
-//! atomic u64 load or store at an offset checked against the mapping, entry
-//! bytes included (copied word by word).
+//! The other process changes the mapping at any time, so the counters and
+//! entry headers are atomic u64 loads and stores at offsets checked against
+//! the mapping; an entry's message is a plain copy (bounds checked) into or
+//! out of a slot that only the writer touches until it is published and only
+//! the reader until it is freed. What the consumer copies out is checked
+//! (length, then decoded) before use.
 //!
 //! **Why a socket pair and not an eventfd.** An eventfd's write blocks when
 //! its counter is full, and whether it blocks is a flag of the open file,
@@ -33,26 +36,6 @@ use crate::protocol::frame_ring::{
 
 /// The consumer empties its end of the doorbell once per this many sleeps.
 pub const DRAIN_EVERY: u32 = 32;
-
-/// Copies `bytes` to the mapping at `offset`, a u64 at a time (the last one
-/// padded with zeros).
-fn store_bytes(mapping: &Mapping, offset: usize, bytes: &[u8]) {
-    for (i, chunk) in bytes.chunks(8).enumerate() {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
-        mapping
-            .word(offset + i * 8)
-            .store(u64::from_le_bytes(word), Ordering::Relaxed);
-    }
-}
-
-/// Copies `out.len()` bytes from the mapping at `offset`, a u64 at a time.
-fn load_bytes(mapping: &Mapping, offset: usize, out: &mut [u8]) {
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        let word = mapping.word(offset + i * 8).load(Ordering::Relaxed);
-        chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
-    }
-}
 
 /// The producer's end of one consumer's frame ring.
 pub struct ProducerFrameRing {
@@ -135,7 +118,8 @@ impl ProducerFrameRing {
         self.mapping
             .word(slot + 8)
             .store(msg.len() as u64, Ordering::Relaxed);
-        store_bytes(&self.mapping, slot + layout::ENTRY_HEADER_LEN, msg);
+        self.mapping
+            .write_bytes(slot + layout::ENTRY_HEADER_LEN, msg);
         self.written = self.written.wrapping_add(1);
         // Publish, then look at the flag (both SeqCst: either the consumer's
         // re-check sees this entry, or this load sees its flag).
@@ -240,11 +224,8 @@ impl ConsumerFrameRing {
             self.mapping.word(slot + 8).load(Ordering::Relaxed),
             self.slot_len,
         )?;
-        load_bytes(
-            &self.mapping,
-            slot + layout::ENTRY_HEADER_LEN,
-            &mut buf[..len],
-        );
+        self.mapping
+            .read_bytes(slot + layout::ENTRY_HEADER_LEN, &mut buf[..len]);
         self.read = self.read.wrapping_add(1);
         self.mapping
             .word(layout::READ_OFFSET)

@@ -89,6 +89,38 @@ impl Mapping {
         Mapping::map(fd, len)
     }
 
+    /// Copies `bytes` into the mapping at `offset` (in bounds, or a panic).
+    /// A plain copy, not atomics: used for a frame ring slot, which only its
+    /// writer touches until it publishes it. A hostile peer writing the same
+    /// bytes at once only garbles what it will read itself, as with the
+    /// frames' own shared memory.
+    pub(super) fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len, "ring offset {offset}");
+        // SAFETY: in bounds (checked); the mapping lives as long as `self`
+        // and no Rust reference into it exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
+
+    /// Copies `out.len()` bytes from the mapping at `offset` (in bounds, or a
+    /// panic); see [`Self::write_bytes`]. What is read is checked after.
+    pub(super) fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len, "ring offset {offset}");
+        // SAFETY: as in write_bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+    }
+
     /// The u64 at byte `offset`: in bounds and aligned, or a panic (offsets
     /// come from the layout module, which masks every index).
     pub(super) fn word(&self, offset: usize) -> &AtomicU64 {
