@@ -678,6 +678,35 @@ fn overflowing_frame_bytes() -> Vec<u8> {
     bytes
 }
 
+/// Sends the consumer a frame ring of 4 slots of 128 bytes (FRAME_RING,
+/// DOORBELL) whose `written` count is `written` and whose first entry says
+/// it is `len` bytes long, and rings.
+fn bad_frame_ring(c: &UnixChannel, written: u64, len: u64) {
+    use protocol::frame_ring::{ring_len, SLOTS_OFFSET, WRITTEN_OFFSET};
+    let ring = sealed_memfd(ring_len(4, 128) as u64);
+    poke(&ring, SLOTS_OFFSET + 8, len);
+    poke(&ring, WRITTEN_OFFSET, written);
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    send(
+        c,
+        &Message::FrameRing {
+            capacity: 4,
+            slot_len: 128,
+        },
+        &[ring.as_fd()],
+    );
+    send(c, &Message::Doorbell, &[theirs.as_fd()]);
+    let _ = rustix::net::send(&ours, &[1], SendFlags::empty());
+    // Keep our end open until the consumer has looked.
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 const PRODUCER_CASES: &[ProducerCase] = &[
     ProducerCase {
         name: "wrong version",
@@ -910,6 +939,18 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| send(c, &Message::Release { frame_ids: vec![1] }, &[]),
         fault: "producer sent RELEASE after the handshake",
+    },
+    ProducerCase {
+        name: "frame ring written count far ahead",
+        own_handshake: false,
+        script: |c| bad_frame_ring(c, 1000, 16),
+        fault: "frame ring written count 1000 is not within 4 entries after the 0 read",
+    },
+    ProducerCase {
+        name: "frame ring entry longer than its slot",
+        own_handshake: false,
+        script: |c| bad_frame_ring(c, 1, 500),
+        fault: "frame ring entry of 500 bytes does not fit a slot of 128",
     },
 ];
 
