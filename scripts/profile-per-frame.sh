@@ -5,6 +5,7 @@
 #
 #   scripts/profile-per-frame.sh consumer|producer [--transport bufshare|shm]
 #       [--consumers N] [--size WxH] [--fps F] [--frames A,B]
+#       [--src-props "frame-ring=false ..."]   (extra bufsharesrc properties)
 #
 # The profiled process runs twice, for A and for B frames (default 120 and
 # 720); every figure is (count at B - count at A) / (B - A), so start-up and
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROLE=${1:?usage: $0 consumer|producer [options]}; shift
-TRANSPORT=bufshare CONSUMERS=1 SIZE=320x240 FPS=60 FRAMES=120,720
+TRANSPORT=bufshare CONSUMERS=1 SIZE=320x240 FPS=60 FRAMES=120,720 SRC_PROPS=
 while [ $# -gt 0 ]; do
   case $1 in
     --transport) TRANSPORT=$2; shift 2;;
@@ -21,6 +22,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift 2;;
     --fps) FPS=$2; shift 2;;
     --frames) FRAMES=$2; shift 2;;
+    --src-props) SRC_PROPS=$2; shift 2;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
@@ -43,7 +45,7 @@ producer() { # $1: extra videotestsrc args
 }
 consumer() { # $1: extra source args
   case $TRANSPORT in
-    bufshare) echo "bufsharesrc socket=$SOCK $1 ! fakesink sync=false";;
+    bufshare) echo "bufsharesrc socket=$SOCK $SRC_PROPS $1 ! fakesink sync=false";;
     shm) echo "shmsrc socket-path=$SOCK is-live=true $1 ! $CAPS ! fakesink sync=false";;
   esac
 }

@@ -249,6 +249,45 @@ fn hostile_ring(c: &UnixChannel) -> OwnedFd {
     }
 }
 
+/// Handshakes asking for a frame ring and returns the ring's fd (read and
+/// write, as a consumer gets it) and the doorbell's, from the sink's first
+/// messages.
+fn hostile_frame_ring(c: &UnixChannel) -> (OwnedFd, OwnedFd) {
+    use protocol::frame_ring::FEATURE_FRAME_RING;
+    send(
+        c,
+        &Message::Hello(protocol::Hello {
+            version: protocol::VERSION,
+            role: Role::Consumer,
+            features: FEATURE_FRAME_RING,
+        }),
+        &[],
+    );
+    let mut ring = None;
+    loop {
+        match recv_msg(c) {
+            Some((Message::FrameRing { .. }, mut fds)) => ring = fds.pop(),
+            Some((Message::Doorbell, mut fds)) => return (ring.unwrap(), fds.pop().unwrap()),
+            Some(_) => continue,
+            None => panic!("no FRAME_RING and DOORBELL from the sink"),
+        }
+    }
+}
+
+/// Waits until the sink has written `n` entries to a frame ring.
+fn wait_for_entries(ring: &OwnedFd, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut word = [0u8; 8];
+        rustix::io::pread(ring, &mut word, protocol::frame_ring::WRITTEN_OFFSET as u64).unwrap();
+        if u64::from_le_bytes(word) >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no frames in the frame ring");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `value` as the u64 at `offset` of a ring (a consumer may write
 /// anything anywhere in it).
 fn poke(ring: &OwnedFd, offset: usize, value: u64) {
@@ -404,6 +443,47 @@ const CONSUMER_CASES: &[(&str, ConsumerScript, &str)] = &[
             poke(&ring, WRITE_OFFSET, 1);
         },
         "release ring names frame 57005, which it does not hold",
+    ),
+    (
+        "frame ring read count ahead of what was written",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, 5000);
+        },
+        "frame ring read count 5000 is not within 64 entries before the",
+    ),
+    (
+        "frame ring read count that goes back",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            wait_for_entries(&ring, 1);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, u64::MAX - 3);
+        },
+        "frame ring read count 18446744073709551612 is not within 64 entries",
+    ),
+    (
+        "frame ring sleep flag that is neither 0 nor 1",
+        |c| {
+            let (ring, _bell) = hostile_frame_ring(c);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 0xbad);
+        },
+        "frame ring sleep flag is 2989, neither 0 nor 1",
+    ),
+    (
+        "frame ring doorbell closed and entries scribbled over",
+        |c| {
+            // Only hurts itself: no fault, but it takes nothing and is
+            // dropped as it would be for a closed socket.
+            let (ring, bell) = hostile_frame_ring(c);
+            drop(bell);
+            poke(&ring, protocol::frame_ring::SLOTS_OFFSET + 8, u64::MAX);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 1);
+            wait_for_entries(&ring, 1);
+            poke(&ring, protocol::frame_ring::SLEEPING_OFFSET, 1);
+            wait_for_entries(&ring, 2);
+            poke(&ring, protocol::frame_ring::READ_OFFSET, u64::MAX);
+        },
+        "frame ring read count 18446744073709551615",
     ),
     (
         "RELEASE with more ids than allowed",
@@ -596,6 +676,35 @@ fn overflowing_frame_bytes() -> Vec<u8> {
     let at = 8 + 56 + 4 + 8;
     bytes[at..at + 8].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
     bytes
+}
+
+/// Sends the consumer a frame ring of 4 slots of 128 bytes (FRAME_RING,
+/// DOORBELL) whose `written` count is `written` and whose first entry says
+/// it is `len` bytes long, and rings.
+fn bad_frame_ring(c: &UnixChannel, written: u64, len: u64) {
+    use protocol::frame_ring::{ring_len, SLOTS_OFFSET, WRITTEN_OFFSET};
+    let ring = sealed_memfd(ring_len(4, 128) as u64);
+    poke(&ring, SLOTS_OFFSET + 8, len);
+    poke(&ring, WRITTEN_OFFSET, written);
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    send(
+        c,
+        &Message::FrameRing {
+            capacity: 4,
+            slot_len: 128,
+        },
+        &[ring.as_fd()],
+    );
+    send(c, &Message::Doorbell, &[theirs.as_fd()]);
+    let _ = rustix::net::send(&ours, &[1], SendFlags::empty());
+    // Keep our end open until the consumer has looked.
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 const PRODUCER_CASES: &[ProducerCase] = &[
@@ -830,6 +939,18 @@ const PRODUCER_CASES: &[ProducerCase] = &[
         own_handshake: false,
         script: |c| send(c, &Message::Release { frame_ids: vec![1] }, &[]),
         fault: "producer sent RELEASE after the handshake",
+    },
+    ProducerCase {
+        name: "frame ring written count far ahead",
+        own_handshake: false,
+        script: |c| bad_frame_ring(c, 1000, 16),
+        fault: "frame ring written count 1000 is not within 4 entries after the 0 read",
+    },
+    ProducerCase {
+        name: "frame ring entry longer than its slot",
+        own_handshake: false,
+        script: |c| bad_frame_ring(c, 1, 500),
+        fault: "frame ring entry of 500 bytes does not fit a slot of 128",
     },
 ];
 

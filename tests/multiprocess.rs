@@ -306,14 +306,15 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         assert_same_memory(name, &p, c);
     }
     // One fd per distinct producer memory, not one per frame, and the
-    // release ring's (one per connection).
+    // release ring's, the frame ring's and its doorbell's (one each per
+    // connection).
     let log = std::fs::read_to_string(&strace_log).unwrap();
     let fds = scm_rights_fds(&log).len();
     let distinct: BTreeSet<u64> = traced.frames.values().map(|f| f.ino).collect();
     assert_eq!(
         fds,
-        distinct.len() + 1,
-        "fds received vs distinct memories and the release ring"
+        distinct.len() + 3,
+        "fds received vs distinct memories, the release ring, the frame ring and its doorbell"
     );
     assert!(
         fds < traced.frames.len(),
@@ -321,7 +322,8 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         traced.frames.len()
     );
     // And each is mapped once, not once a frame, although the consumer read
-    // every byte of every frame: count the shared mappings of received fds.
+    // every byte of every frame: count the shared mappings of received fds
+    // (the two rings are mapped too; the doorbell is not).
     let received: BTreeSet<String> = scm_rights_fds(&log).into_iter().collect();
     let shared_maps = log
         .lines()
@@ -338,8 +340,8 @@ fn fds_cross_once_per_memory_and_every_buffer_comes_back() {
         .count();
     assert_eq!(
         shared_maps,
-        distinct.len() + 1,
-        "shared mappings vs distinct memories and the release ring"
+        distinct.len() + 2,
+        "shared mappings vs distinct memories and the two rings"
     );
 }
 

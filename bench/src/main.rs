@@ -115,6 +115,8 @@ latency-cdf.png, latency-percentiles.png (part 1), link-rate.png (part 2),
 cross-host.png (part 3)
 
 environment:
+  BUFSHARE_BENCH_SRC_PROPS=\"PROPS\"  extra bufsharesrc properties of part 1
+                     consumers, e.g. frame-ring=false (the socket path)
   BUFSHARE_BENCH_GST_PREFIX=DIR   install prefix of a GStreamer >= 1.24 that
                      has unixfdsink/unixfdsrc (e.g. /opt/gst-1.24); the unixfd
                      children run on it (its lib/<multiarch>/gstreamer-1.0 and

@@ -202,6 +202,13 @@ fn execute(ctx: &Context, label: &str, plan: Plan, seconds: f64) -> Outcome {
     Outcome { reports, errors }
 }
 
+/// Extra bufsharesrc properties for part 1 consumers, from
+/// `BUFSHARE_BENCH_SRC_PROPS` (e.g. `frame-ring=false`, to compare the
+/// socket path with the frame ring); empty by default.
+fn src_props() -> String {
+    std::env::var("BUFSHARE_BENCH_SRC_PROPS").unwrap_or_default()
+}
+
 /// Part 1: one live producer of `size`, `n` consumers (0: the producer
 /// alone, the baseline of `transport`). `round` only makes names unique.
 pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: usize) -> Outcome {
@@ -217,7 +224,13 @@ pub fn fanout(ctx: &Context, transport: Transport, size: Size, n: usize, round: 
                 vec![],
             ),
             socket: Some(socket.clone()),
-            consumers: vec![format!("bufsharesrc name=read0 socket={s} ! fakesink sync=false"); n],
+            consumers: vec![
+                format!(
+                    "bufsharesrc name=read0 socket={s} {} ! fakesink sync=false",
+                    src_props()
+                );
+                n
+            ],
             env: vec![],
         },
         Transport::Shm => {

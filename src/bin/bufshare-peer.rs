@@ -20,6 +20,7 @@
 //! bufshare-peer consume --socket S [--report FILE] [--max-frames N] [--timeout MS] [--hold N]
 //!                       [--on-disconnect error|eos|reconnect] [--on-eos forward|wait|auto]
 //!                       [--reconnect-interval MS] [--sum-bytes N] [--max-inflight N] [--stats-every MS]
+//!                       [--frame-ring 0|1] [--release-ring 0|1]
 //! (with --address HOST:PORT [--mode client|server] [--transports TLS]: ucxsrc instead of
 //! bufsharesrc, feature `ucx`)
 //! ```
@@ -33,9 +34,11 @@
 //! and `freed` came back in all, some never having reached the sink when the stream was ended
 //! early; `memfds-after-stop`: memfd fds still open once the pipeline is stopped, frames someone
 //! kept, 0 when everything came back), and with `--stats-every` lines
-//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=.. held=.. by-ring=.. by-message=..`
+//! `client wall=.. pid=.. in-flight=.. peak=.. sent=.. dropped=.. held=.. by-ring=.. by-message=.. by-frame-ring=..`
 //! sampled from the sink's stats (`by-ring`/`by-message`: frames it released through its release ring
-//! and in RELEASE messages).
+//! and in RELEASE messages; `by-frame-ring`: frames it got through its frame ring).
+//! Consumers' `--frame-ring 0` / `--release-ring 0` set bufsharesrc's `frame-ring` / `release-ring`
+//! to false (both on by default).
 //! `--frame-lines 0` makes a producer keep no line per frame (its memory stays flat in long
 //! runs; `summary pushed=` still counts them). `--source slots` cycles through `--slots` memfds (12 by default). `--source pool` pushes buffers from a GstBufferPool of exactly `--pool-max` buffers (4 by
 //! default), as v4l2src does, and fails if no buffer comes back for 10 s. `--hold N` makes a
@@ -617,7 +620,7 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             continue;
         };
         report.push(format!(
-            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} skipped={} held={} by-ring={} by-message={}",
+            "client wall={wall} pid={} id={} in-flight={} peak={} sent={} dropped={} skipped={} held={} by-ring={} by-message={} by-frame-ring={}",
             c.get::<i32>("pid").unwrap_or(0),
             c.get::<u64>("client-id").unwrap_or(0),
             c.get::<u32>("frames-in-flight").unwrap_or(0),
@@ -628,6 +631,7 @@ fn sample_stats(sink: &gst::Element, report: &Report) {
             stats.get::<u32>("frames-held").unwrap_or(0),
             c.get::<u64>("released-by-ring").unwrap_or(0),
             c.get::<u64>("released-by-message").unwrap_or(0),
+            c.get::<u64>("frames-by-ring").unwrap_or(0),
         ));
     }
 }
@@ -938,6 +942,8 @@ fn consume(args: &Args) -> Result<(), String> {
             .property_from_str("on-eos", &args.str("on-eos", "forward"))
             .property("reconnect-interval", args.num("reconnect-interval", 100))
             .property("max-inflight", args.num("max-inflight", 0) as u32)
+            .property("frame-ring", args.num("frame-ring", 1) != 0)
+            .property("release-ring", args.num("release-ring", 1) != 0)
             .build(),
     }
     .map_err(|e| e.to_string())?;

@@ -223,7 +223,7 @@ impl ObjectImpl for BufShareSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered, max-inflight (frames it may hold: its grant), released-by-ring and released-by-message (frames it released through its release ring, and in RELEASE messages on the socket)")
+                    .blurb("backend (memory backend in use: memfd, dma-heap, drm, v4l2), backend-source (heap or device path), frames-rendered, frames-copied (buffers that arrived without an fd, or in memfds that cannot be sealed), max-held (bound in use, 0: none), frames-held (distinct frames consumers hold), frames-held-peak, clients-timed-out, and per consumer (clients): client-id, pid, frames-sent, frames-dropped, frames-dropped-held (by the max-held bound), frames-in-flight, frames-in-flight-peak, memories-registered, max-inflight (frames it may hold: its grant), released-by-ring and released-by-message (frames it released through its release ring, and in RELEASE messages on the socket), frames-by-ring (of frames-sent, those written to its frame ring rather than sent on the socket)")
                     .read_only()
                     .build(),
             ]
@@ -1099,6 +1099,7 @@ impl BufShareSink {
                     .field("frames-in-flight-peak", c.frames_in_flight_peak)
                     .field("memories-registered", c.memories_registered)
                     .field("released-by-ring", c.released_by_ring)
+                    .field("frames-by-ring", c.frames_by_ring)
                     .field("released-by-message", c.released_by_message)
                     .field("max-inflight", c.max_inflight)
                     .build()

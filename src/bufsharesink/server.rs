@@ -24,6 +24,14 @@
 //! thread also reads the rings, on every round and every few ms for a while
 //! after that switch, so a release written just before it is not left behind.
 //!
+//! A consumer that asks for it also gets a frame ring (shared memory and a
+//! doorbell, see [`crate::protocol::frame_ring`]): its FRAMEs are written
+//! there instead of sent, and the doorbell rings only if it sleeps. Every
+//! other message still goes on the socket, counted: each ring entry carries
+//! how many socket messages went before it, so the consumer keeps the
+//! order. A full ring is a full socket (the frame is skipped for it), and a
+//! consumer that stops reading is seen by its read count not moving.
+//!
 //! A consumer's frames are held (a `gst::Buffer` reference each) until it
 //! releases them or goes away, so upstream pool buffers come back exactly
 //! when no consumer needs them any more.
@@ -71,8 +79,10 @@ use std::time::{Duration, Instant};
 use super::fanout::{Candidate, FanOut, RecentFrames, Verdict};
 use super::stats::SendTimes;
 use crate::memtag::ForgetListener;
+use crate::protocol::frame_ring::{self, FEATURE_FRAME_RING};
 use crate::protocol::release_ring::{self, FEATURE_RELEASE_RING};
 use crate::protocol::{self, Hello, Message, Register, Role};
+use crate::transport::frame_ring::ProducerFrameRing;
 use crate::transport::ring::ProducerRing;
 use crate::transport::unix::{wait_for, Listener, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
@@ -174,6 +184,8 @@ pub struct ClientStats {
     /// Frames it released through its release ring, and in RELEASE messages.
     pub released_by_ring: u64,
     pub released_by_message: u64,
+    /// Of the frames sent, those that went through its frame ring.
+    pub frames_by_ring: u64,
 }
 
 /// Counters of the bound on frames held by all consumers together.
@@ -222,6 +234,15 @@ struct Client {
     /// Frames it released through its ring, and in RELEASE messages.
     released_by_ring: u64,
     released_by_message: u64,
+    /// Its frame ring, if it asked for one.
+    frame_ring: Option<ProducerFrameRing>,
+    /// Messages committed to its socket (sent or queued), HELLO included:
+    /// the `seq` of the next frame ring entry.
+    socket_sent: u64,
+    /// Frames it got through its frame ring.
+    frames_by_ring: u64,
+    /// Its frame ring's read count at the last stall check.
+    ring_read_seen: u64,
     /// Control messages that did not fit in the socket, in order.
     queued: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     frames_sent: u64,
@@ -255,7 +276,10 @@ impl Client {
         if self.queued.is_empty() {
             let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
             match self.channel.send(&bytes, &fds) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.socket_sent += 1;
+                    return;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     self.kill(format!("sending {} failed: {e}", msg.name()), false);
@@ -278,6 +302,7 @@ impl Client {
             }
         };
         self.queued.push_back((bytes, owned));
+        self.socket_sent += 1;
     }
 
     /// Sends what was queued, as far as the socket takes it.
@@ -332,6 +357,7 @@ impl Client {
             max_inflight: self.granted,
             released_by_ring: self.released_by_ring,
             released_by_message: self.released_by_message,
+            frames_by_ring: self.frames_by_ring,
         }
     }
 
@@ -403,7 +429,25 @@ impl Client {
         let Ok(unread) = unread_bytes(self.channel.raw_fd()) else {
             return false;
         };
-        if unread == 0 {
+        // Frames left in its frame ring count as unread; its read count
+        // moving is progress.
+        let mut ring_unread = 0;
+        if let Some(ring) = &self.frame_ring {
+            match ring.backlog() {
+                Ok((read, backlog)) => {
+                    if read != self.ring_read_seen {
+                        self.ring_read_seen = read;
+                        self.unread_since = None;
+                    }
+                    ring_unread = backlog;
+                }
+                Err(e) => {
+                    self.kill(format!("protocol error: {e}"), true);
+                    return false;
+                }
+            }
+        }
+        if unread == 0 && ring_unread == 0 {
             self.unread_since = None;
             return false;
         }
@@ -420,7 +464,12 @@ impl Client {
                 .map_or_else(|| "unknown".to_string(), |p| p.to_string());
             self.kill(
                 format!(
-                    "consumer pid {pid} stalled: it left {unread} bytes unread in its socket and sent nothing for {} ms (client-timeout {} ms{}); returning the {} frames it held",
+                    "consumer pid {pid} stalled: it left {unread} bytes unread in its socket{} and sent nothing for {} ms (client-timeout {} ms{}); returning the {} frames it held",
+                    if ring_unread > 0 {
+                        format!(" and {ring_unread} frames unread in its frame ring")
+                    } else {
+                        String::new()
+                    },
                     quiet.as_millis(),
                     timeout.as_millis(),
                     if self.released_any {
@@ -872,7 +921,27 @@ impl Server {
                 client.frames_dropped += 1;
                 continue;
             }
-            match client.channel.send(&out.frame_bytes, &[]) {
+            let sent = match client.frame_ring.as_mut() {
+                Some(ring) if ring.fits(out.frame_bytes.len()) => {
+                    match ring.push(&out.frame_bytes, client.socket_sent) {
+                        Ok(true) => {
+                            client.frames_by_ring += 1;
+                            Ok(())
+                        }
+                        // Full: as a full socket, skipped for this frame.
+                        Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
+                        Err(e) => {
+                            client.kill(format!("protocol error: {e}"), true);
+                            continue;
+                        }
+                    }
+                }
+                // No ring, or a FRAME too large for a slot: the socket.
+                _ => client.channel.send(&out.frame_bytes, &[]).inspect(|()| {
+                    client.socket_sent += 1;
+                }),
+            };
+            match sent {
                 Ok(()) => {
                     client.frames_sent += 1;
                     if out.needs_release {
@@ -1405,6 +1474,10 @@ fn accept_newcomers(state: &mut State) {
                     ring: None,
                     released_by_ring: 0,
                     released_by_message: 0,
+                    frame_ring: None,
+                    socket_sent: 0,
+                    frames_by_ring: 0,
+                    ring_read_seen: 0,
                     queued: VecDeque::new(),
                     frames_sent: 0,
                     frames_dropped: 0,
@@ -1475,7 +1548,7 @@ fn hello() -> Message {
     Message::Hello(Hello {
         version: protocol::VERSION,
         role: Role::Producer,
-        features: FEATURE_RELEASE_RING | protocol::FEATURE_MONITOR,
+        features: FEATURE_RELEASE_RING | protocol::FEATURE_MONITOR | FEATURE_FRAME_RING,
     })
 }
 
@@ -1493,6 +1566,29 @@ fn offer_ring(client: &mut Client, on_socket: bool) {
         Err(e) => gst::warning!(
             crate::bufsharesink::imp::CAT,
             "consumer {}: no release ring ({}); it releases on the socket",
+            client.id,
+            e
+        ),
+    }
+}
+
+/// Makes `client` a frame ring and its doorbell and sends them (FRAME_RING,
+/// DOORBELL). Without them (no memfd, no socket pair) its frames go on the
+/// socket, as an older consumer's do.
+fn offer_frame_ring(client: &mut Client) {
+    match ProducerFrameRing::create(frame_ring::DEFAULT_CAPACITY, frame_ring::DEFAULT_SLOT_LEN) {
+        Ok((ring, fds)) => {
+            let msg = Message::FrameRing {
+                capacity: ring.capacity(),
+                slot_len: ring.slot_len(),
+            };
+            client.send_control(&msg, Some(fds.ring.as_fd()));
+            client.send_control(&Message::Doorbell, Some(fds.bell.as_fd()));
+            client.frame_ring = Some(ring);
+        }
+        Err(e) => gst::warning!(
+            crate::bufsharesink::imp::CAT,
+            "consumer {}: no frame ring ({}); its frames go on the socket",
             client.id,
             e
         ),
@@ -1568,6 +1664,9 @@ fn read_client(
                     client.phase = Phase::Active;
                     if h.features & FEATURE_RELEASE_RING != 0 {
                         offer_ring(client, ctx.rings_on_socket);
+                    }
+                    if h.features & FEATURE_FRAME_RING != 0 {
+                        offer_frame_ring(client);
                     }
                     // What it may hold, before anything else (it asked for
                     // nothing yet: the default).

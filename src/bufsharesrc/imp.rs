@@ -83,6 +83,7 @@ struct Settings {
     reconnect_interval_ms: u64,
     max_inflight: u32,
     release_ring: bool,
+    frame_ring: bool,
 }
 
 impl Default for Settings {
@@ -95,6 +96,7 @@ impl Default for Settings {
             reconnect_interval_ms: DEFAULT_RECONNECT_INTERVAL_MS,
             max_inflight: 0,
             release_ring: true,
+            frame_ring: true,
         }
     }
 }
@@ -221,6 +223,12 @@ impl ObjectImpl for BufShareSrc {
                     .default_value(true)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecBoolean::builder("frame-ring")
+                    .nick("Frame ring")
+                    .blurb("Receive frames through a ring in memory shared with the producer when it offers one (docs/protocol.md 5.13, 5.14, 9.12), with a doorbell the producer rings only while this element waits: no sendmsg/recvmsg per frame, one wait (epoll_wait) per sleep. Caps, EOS, memory registrations and frames too large for a slot still come on the socket, in order. false: every FRAME on the socket. Applies from the next connection.")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("frames-received, frames-pushed, frames-skipped (frames the producer skipped for this consumer, from the gaps in frame ids; the next buffer is marked DISCONT), frames-dropped-stale (waited in the socket while we did not read), frames-dropped-late (earlier than a frame already pushed, e.g. left from before PAUSED), frames-copied (downstream held more than max-inflight allows), frames-held (producer frames held now) and frames-held-peak, max-inflight (what the producer granted; 0 before it said), reconnects, connected")
@@ -258,6 +266,7 @@ impl ObjectImpl for BufShareSrc {
             "on-eos" => s.on_eos = value.get().expect("type checked upstream"),
             "max-inflight" => s.max_inflight = value.get().expect("type checked upstream"),
             "release-ring" => s.release_ring = value.get().expect("type checked upstream"),
+            "frame-ring" => s.frame_ring = value.get().expect("type checked upstream"),
             "reconnect-interval" => {
                 s.reconnect_interval_ms = value.get().expect("type checked upstream")
             }
@@ -274,6 +283,7 @@ impl ObjectImpl for BufShareSrc {
             "on-eos" => s.on_eos.to_value(),
             "max-inflight" => s.max_inflight.to_value(),
             "release-ring" => s.release_ring.to_value(),
+            "frame-ring" => s.frame_ring.to_value(),
             "stats" => {
                 drop(s);
                 self.stats().to_value()
@@ -388,6 +398,7 @@ impl BufShareSrc {
                 handshake_deadline,
                 settings.max_inflight,
                 settings.release_ring,
+                settings.frame_ring,
                 self.waker.clone(),
                 &flushing,
             ) {
@@ -681,6 +692,7 @@ impl BaseSrcImpl for BufShareSrc {
             deadline,
             settings.max_inflight,
             settings.release_ring,
+            settings.frame_ring,
             self.waker.clone(),
             &flushing,
         )

@@ -11,6 +11,13 @@
 //! references we know of on each import and hold the release back while there
 //! are more (the receiving thread checks again on a short timer).
 //!
+//! With a frame ring (see [`crate::protocol::frame_ring`]) FRAMEs come
+//! through shared memory instead of the socket: the receive loop
+//! ([`Connection::recv_message`]) takes ring entries and socket messages in
+//! the order the producer sent them and, with nothing to take, waits with
+//! one `epoll_wait` on the socket, the element's wake-up fd and the ring's
+//! doorbell (edge-triggered: never read per frame).
+//!
 //! The element's reconnect mode replaces the [`Connection`] when its producer
 //! goes away. Frames of the old connection may still be alive downstream:
 //! their shares hold the old `Releaser`, whose channel is the old (shut
@@ -30,8 +37,10 @@ use bufshare_backends::share::is_sealed_against_shrink;
 use bufshare_backends::{fd_kind, fd_size, MemoryKind as FdKind};
 use glib::translate::IntoGlib;
 
+use crate::protocol::frame_ring::{self, FEATURE_FRAME_RING};
 use crate::protocol::release_ring::FEATURE_RELEASE_RING;
 use crate::protocol::{self, Frame, Hello, MemoryKind, MemoryRef, Message, Role};
+use crate::transport::frame_ring::ConsumerFrameRing;
 use crate::transport::ring::ConsumerRing;
 use crate::transport::unix::{wait_pair, UnixChannel, Waker};
 use crate::transport::{Channel, Received};
@@ -320,7 +329,32 @@ pub struct Connection {
     releaser: Arc<Releaser>,
     waker: Arc<Waker>,
     buf: Vec<u8>,
+    /// Whether we asked for a frame ring.
+    asked_frame_ring: bool,
+    /// A FRAME_RING received, waiting for its DOORBELL: the memfd and its geometry.
+    ring_offer: Option<(OwnedFd, u32, u32)>,
+    /// The frame ring, once both came.
+    frames: Option<FrameRingIn>,
+    /// Socket messages handed on so far (the frame ring's order).
+    socket_taken: u64,
+    /// A socket message read but kept back behind older ring entries (or
+    /// the producer's end of file).
+    held: Option<Box<SocketMessage>>,
 }
+
+/// One message read from the socket, with its fds, or why none came.
+type SocketMessage = Result<(Message, Vec<OwnedFd>), ReceiveError>;
+
+/// The consumer's frame ring and the epoll set it waits with.
+struct FrameRingIn {
+    ring: ConsumerFrameRing,
+    epoll: OwnedFd,
+}
+
+/// Epoll data of the three fds a frame ring consumer waits on.
+const EP_SOCKET: u64 = 0;
+const EP_WAKER: u64 = 1;
+const EP_BELL: u64 = 2;
 
 impl Connection {
     /// Connects to `path` and does the handshake, retrying while no producer
@@ -330,6 +364,7 @@ impl Connection {
         deadline: Instant,
         max_inflight: u32,
         release_ring: bool,
+        frame_ring: bool,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Connection, ReceiveError> {
@@ -339,6 +374,7 @@ impl Connection {
                 deadline,
                 max_inflight,
                 release_ring,
+                frame_ring,
                 waker.clone(),
                 flushing,
             )? {
@@ -363,12 +399,14 @@ impl Connection {
     /// and completes the handshake by `handshake_deadline`. The element's
     /// reconnect mode calls this at its own pace. `max_inflight` is how many
     /// frames we ask to hold at once (0: the producer's default);
-    /// `release_ring` asks for a release ring (see `protocol::release_ring`).
+    /// `release_ring` asks for a release ring (see `protocol::release_ring`),
+    /// `frame_ring` for a frame ring (see `protocol::frame_ring`).
     pub fn try_connect(
         path: &Path,
         handshake_deadline: Instant,
         max_inflight: u32,
         release_ring: bool,
+        frame_ring: bool,
         waker: Arc<Waker>,
         flushing: &dyn Fn() -> bool,
     ) -> Result<Attempt, ReceiveError> {
@@ -404,6 +442,11 @@ impl Connection {
             releaser,
             waker,
             buf: vec![0u8; protocol::MAX_MESSAGE_LEN],
+            asked_frame_ring: frame_ring,
+            ring_offer: None,
+            frames: None,
+            socket_taken: 0,
+            held: None,
         };
         let hello = protocol::encode(&Message::Hello(Hello {
             version: protocol::VERSION,
@@ -412,7 +455,7 @@ impl Connection {
                 FEATURE_RELEASE_RING
             } else {
                 0
-            },
+            } | if frame_ring { FEATURE_FRAME_RING } else { 0 },
         }));
         let ask = protocol::encode(&Message::MaxInflight {
             frames: max_inflight,
@@ -449,6 +492,9 @@ impl Connection {
         waiting_for: &str,
     ) -> Result<(Message, Vec<OwnedFd>), ReceiveError> {
         use rustix::event::PollFlags;
+        if self.frames.is_some() {
+            return self.recv_message_ring(deadline, flushing, waiting_for);
+        }
         loop {
             if flushing() {
                 return Err(ReceiveError::Flushing);
@@ -474,6 +520,7 @@ impl Connection {
                 Ok(Received::Message { len, fds }) => {
                     let msg = protocol::decode(&self.buf[..len], fds.len())
                         .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+                    self.socket_taken += 1;
                     return Ok((msg, fds));
                 }
                 Ok(Received::Closed) => return Err(ReceiveError::ProducerGone),
@@ -491,6 +538,154 @@ impl Connection {
                 Err(e) => return Err(ReceiveError::Io(e)),
             }
         }
+    }
+
+    /// [`Self::recv_message`] with a frame ring: the next ring entry or
+    /// socket message, in the producer's order ([`frame_ring::next`]). With
+    /// nothing to take it says it sleeps, looks at the ring once more and
+    /// waits with one `epoll_wait`; the producer rings only then.
+    fn recv_message_ring(
+        &mut self,
+        deadline: Option<Instant>,
+        flushing: &dyn Fn() -> bool,
+        waiting_for: &str,
+    ) -> SocketMessage {
+        use rustix::event::epoll;
+        let ring_fault = |e: frame_ring::RingFault| ReceiveError::Protocol(e.to_string());
+        loop {
+            if flushing() {
+                return Err(ReceiveError::Flushing);
+            }
+            self.flush_releases()?;
+            let fr = self.frames.as_mut().expect("ring mode");
+            let entry = fr.ring.peek().map_err(ring_fault)?;
+            match frame_ring::next(entry, self.socket_taken, self.held.is_some()) {
+                frame_ring::Next::Entry => {
+                    let len = fr.ring.take(&mut self.buf).map_err(ring_fault)?;
+                    return match protocol::decode(&self.buf[..len], 0) {
+                        Ok(msg @ Message::Frame(_)) => Ok((msg, Vec::new())),
+                        Ok(other) => Err(ReceiveError::Protocol(format!(
+                            "frame ring entry is a {}, not a FRAME",
+                            other.name()
+                        ))),
+                        Err(e) => Err(ReceiveError::Protocol(format!("frame ring entry: {e}"))),
+                    };
+                }
+                frame_ring::Next::Held => {
+                    let held = *self.held.take().expect("held");
+                    if held.is_ok() {
+                        self.socket_taken += 1;
+                    }
+                    return held;
+                }
+                frame_ring::Next::Socket | frame_ring::Next::Sleep => {}
+            }
+            let sleep = entry.is_none();
+            if sleep && !fr.ring.prepare_sleep().map_err(ring_fault)? {
+                continue;
+            }
+            let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if self.releaser.has_waiting() {
+                let tick = Duration::from_millis(5);
+                timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
+            }
+            let timeout = timeout.map(|t| rustix::event::Timespec {
+                tv_sec: t.as_secs() as _,
+                tv_nsec: t.subsec_nanos() as _,
+            });
+            let mut events = [epoll::Event {
+                flags: epoll::EventFlags::empty(),
+                data: epoll::EventData::new_u64(0),
+            }; 3];
+            let waited = epoll::wait(&fr.epoll, &mut events[..], timeout.as_ref());
+            if sleep {
+                fr.ring.woke();
+            }
+            let n = match waited {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => 0,
+                Err(e) => return Err(ReceiveError::Io(e.into())),
+            };
+            let mut socket_ready = false;
+            for ev in &events[..n] {
+                match ev.data.u64() {
+                    EP_SOCKET => socket_ready = true,
+                    EP_WAKER => self.waker.drain(),
+                    _ => {}
+                }
+            }
+            // Read the socket only when what it holds may come next (no
+            // message kept back yet): at most one message is held.
+            if !socket_ready || self.held.is_some() {
+                if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(ReceiveError::Timeout(waiting_for.to_string()));
+                }
+                continue;
+            }
+            match self.channel.recv(&mut self.buf) {
+                Ok(Received::Message { len, fds }) => {
+                    let msg = protocol::decode(&self.buf[..len], fds.len())
+                        .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+                    self.held = Some(Box::new(Ok((msg, fds))));
+                }
+                Ok(Received::Closed) => self.held = Some(Box::new(Err(ReceiveError::ProducerGone))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    // As in recv_message: read what is still queued.
+                    self.releaser.closed.store(true, Ordering::SeqCst);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(ReceiveError::Protocol(e.to_string()))
+                }
+                Err(e) => return Err(ReceiveError::Io(e)),
+            }
+        }
+    }
+
+    /// Starts taking frames from the ring the producer sent (FRAME_RING,
+    /// then DOORBELL with `bell`).
+    fn start_frame_ring(&mut self, bell: OwnedFd) -> Result<(), ReceiveError> {
+        use rustix::event::epoll::{self, EventData, EventFlags};
+        let unusable =
+            |e: std::io::Error| ReceiveError::Protocol(format!("frame ring unusable: {e}"));
+        let Some((ring_fd, capacity, slot_len)) = self.ring_offer.take() else {
+            return Err(ReceiveError::Protocol(
+                "DOORBELL without a FRAME_RING before it".into(),
+            ));
+        };
+        let ring =
+            ConsumerFrameRing::map(ring_fd.as_fd(), capacity, slot_len, bell).map_err(unusable)?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| unusable(e.into()))?;
+        epoll::add(
+            &epoll,
+            self.channel.as_fd(),
+            EventData::new_u64(EP_SOCKET),
+            EventFlags::IN,
+        )
+        .and_then(|()| {
+            epoll::add(
+                &epoll,
+                self.waker.as_fd(),
+                EventData::new_u64(EP_WAKER),
+                EventFlags::IN,
+            )
+        })
+        .and_then(|()| {
+            epoll::add(
+                &epoll,
+                ring.bell(),
+                EventData::new_u64(EP_BELL),
+                EventFlags::IN | EventFlags::ET,
+            )
+        })
+        .map_err(|e| unusable(e.into()))?;
+        self.frames = Some(FrameRingIn { ring, epoll });
+        Ok(())
+    }
+
+    /// Whether frames come through a frame ring.
+    pub fn has_frame_ring(&self) -> bool {
+        self.frames.is_some()
     }
 
     /// Sends releases that were waiting. A producer that has gone is not an
@@ -555,6 +750,20 @@ impl Connection {
                             "a second RELEASE_RING on the same connection".into(),
                         ));
                     }
+                }
+                Message::FrameRing { capacity, slot_len } => {
+                    if !self.asked_frame_ring || self.ring_offer.is_some() || self.frames.is_some()
+                    {
+                        return Err(ReceiveError::Protocol(
+                            "FRAME_RING not asked for, or a second one".into(),
+                        ));
+                    }
+                    let fd = fds.pop().expect("decode checked the fd count");
+                    self.ring_offer = Some((fd, capacity, slot_len));
+                }
+                Message::Doorbell => {
+                    let fd = fds.pop().expect("decode checked the fd count");
+                    self.start_frame_ring(fd)?;
                 }
                 other => {
                     return Err(ReceiveError::Protocol(format!(

@@ -15,6 +15,8 @@ const KIND_DISCONNECT: u16 = 9;
 const KIND_MAX_INFLIGHT: u16 = 10;
 const KIND_RELEASE_RING: u16 = 12;
 const KIND_STATS: u16 = 11;
+const KIND_FRAME_RING: u16 = 13;
+const KIND_DOORBELL: u16 = 14;
 
 const MEM_REGISTERED: u32 = 1;
 const MEM_INLINE: u32 = 2;
@@ -175,6 +177,12 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             w.u32(*capacity);
             KIND_RELEASE_RING
         }
+        Message::FrameRing { capacity, slot_len } => {
+            w.u32(*capacity);
+            w.u32(*slot_len);
+            KIND_FRAME_RING
+        }
+        Message::Doorbell => KIND_DOORBELL,
         Message::Stats(s) => {
             encode_stats(&mut w, s);
             KIND_STATS
@@ -437,7 +445,10 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             actual: body.len(),
         });
     }
-    let expected_fds = usize::from(kind == KIND_REGISTER || kind == KIND_RELEASE_RING);
+    let expected_fds = usize::from(matches!(
+        kind,
+        KIND_REGISTER | KIND_RELEASE_RING | KIND_FRAME_RING | KIND_DOORBELL
+    ));
     if header_fds != received_fds || header_fds != expected_fds {
         return Err(DecodeError::FdCountMismatch {
             header: header_fds,
@@ -530,6 +541,22 @@ pub fn decode(datagram: &[u8], received_fds: usize) -> Result<Message, DecodeErr
             }
             (r, Message::ReleaseRing { capacity })
         }
+        KIND_FRAME_RING => {
+            let mut r = Reader::new(body, "FRAME_RING");
+            let capacity = r.u32("capacity")?;
+            let slot_len = r.u32("slot length")?;
+            if !frame_ring::valid_geometry(capacity, slot_len) {
+                return Err(
+                    if frame_ring::valid_geometry(capacity, frame_ring::MIN_SLOT_LEN) {
+                        r.bad("slot length", slot_len as u64)
+                    } else {
+                        r.bad("capacity", capacity as u64)
+                    },
+                );
+            }
+            (r, Message::FrameRing { capacity, slot_len })
+        }
+        KIND_DOORBELL => (Reader::new(body, "DOORBELL"), Message::Doorbell),
         KIND_STATS => {
             let mut r = Reader::new(body, "STATS");
             let stats = decode_stats(&mut r)?;

@@ -19,6 +19,7 @@
 //! bounds-checked and every count is capped before anything is allocated.
 
 mod codec;
+pub mod frame_ring;
 pub mod release_ring;
 
 pub use codec::{decode, encode, encode_frame_into, encode_into, DecodeError};
@@ -393,6 +394,17 @@ pub enum Message {
     ReleaseRing {
         capacity: u32,
     },
+    /// Producer -> consumer, with one fd: a frame ring (a sealed memfd of
+    /// [`frame_ring::ring_len`]`(capacity, slot_len)` bytes) for a consumer
+    /// that said [`frame_ring::FEATURE_FRAME_RING`]. See [`frame_ring`].
+    FrameRing {
+        capacity: u32,
+        slot_len: u32,
+    },
+    /// Producer -> consumer, with one fd: the frame ring's doorbell (one end
+    /// of a stream socket pair; readable when the producer rang). Sent right
+    /// after FRAME_RING. See [`frame_ring`].
+    Doorbell,
     /// Producer -> monitor: a snapshot of the producer and its consumers.
     Stats(Stats),
 }
@@ -401,7 +413,10 @@ impl Message {
     /// Number of fds that must travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Register(_) | Message::ReleaseRing { .. } => 1,
+            Message::Register(_)
+            | Message::ReleaseRing { .. }
+            | Message::FrameRing { .. }
+            | Message::Doorbell => 1,
             _ => 0,
         }
     }
@@ -420,6 +435,8 @@ impl Message {
             Message::Disconnect { .. } => "DISCONNECT",
             Message::MaxInflight { .. } => "MAX_INFLIGHT",
             Message::ReleaseRing { .. } => "RELEASE_RING",
+            Message::FrameRing { .. } => "FRAME_RING",
+            Message::Doorbell => "DOORBELL",
             Message::Stats(_) => "STATS",
         }
     }

@@ -137,6 +137,8 @@ const EOS: &str = "0800 0000 00000000";
 const DISCONNECT: &str = "0900 0000 06000000 | 02000000 6869";
 const MAX_INFLIGHT: &str = "0a00 0000 04000000 | 40000000";
 const RELEASE_RING: &str = "0c00 0100 04000000 | 00040000";
+const FRAME_RING: &str = "0d00 0100 08000000 | 40000000 00040000";
+const DOORBELL: &str = "0e00 0100 00000000";
 const FORGET: &str = "0500 0000 08000000 | 0807060504030201";
 const RELEASE: &str = "0700 0000 14000000 | 02000000 0100000000000000 0000000001000000";
 const REGISTER: &str = "0400 0100 14000000 | 0700000000000000 02000000 0010000000000000";
@@ -305,6 +307,8 @@ fn golden_encodings() {
     assert_eq!(round_trip(&Message::Disconnect { reason: "hi".into() }, 9), hex(DISCONNECT));
     assert_eq!(round_trip(&Message::MaxInflight { frames: 64 }, 10), hex(MAX_INFLIGHT));
     assert_eq!(round_trip(&Message::ReleaseRing { capacity: 1024 }, 12), hex(RELEASE_RING));
+    assert_eq!(round_trip(&Message::FrameRing { capacity: 64, slot_len: 1024 }, 13), hex(FRAME_RING));
+    assert_eq!(round_trip(&Message::Doorbell, 14), hex(DOORBELL));
     assert_eq!(round_trip(&Message::Forget { mem_id: 0x0102_0304_0506_0708 }, 5), hex(FORGET));
     assert_eq!(round_trip(&release(vec![1, 1 << 32]), 7), hex(RELEASE));
     assert_eq!(round_trip(&register(7, MemoryKind::DmaBuf, 4096), 4), hex(REGISTER));
@@ -369,7 +373,7 @@ fn header_errors() {
     fails(&hex("0500 0000 09000000 0000000000000000"), 0, mismatch(9, 8));
     fails(&hex("0500 0000 07000000 0000000000000000"), 0, mismatch(7, 8));
     fails(&hex("0500 0000 ffffffff 0000000000000000"), 0, mismatch(u32::MAX as usize, 8));
-    for kind in [0, 13, 0xffff] {
+    for kind in [0, 15, 0xffff] {
         fails(&dgram(kind, 0, &[1]), 0, UnknownKind(kind));
     }
     fails(&vec![0; MAX_MESSAGE_LEN + 1], 0, TooLong(MAX_MESSAGE_LEN + 1));
@@ -396,6 +400,21 @@ fn fd_count_errors() {
     }
     fails(&hex("0c00 0100 02000000 | 0004"), 1, trunc("RELEASE_RING", "capacity"));
     fails(&hex("0c00 0100 05000000 | 00040000 00"), 1, trailing("RELEASE_RING", 1));
+    fails(&hex(FRAME_RING), 0, fds(1, 0, 1)); // FRAME_RING whose fd did not arrive
+    fails(&hex("0d00 0000 08000000 | 40000000 00040000"), 0, fds(0, 0, 1));
+    for capacity in ["00000000", "03000000", "00200000", "ffffffff"] {
+        let d = hex(&format!("0d00 0100 08000000 | {capacity} 00040000"));
+        let value = u32::from_le_bytes(d[8..12].try_into().unwrap()) as u64;
+        fails(&d, 1, bad("FRAME_RING", "capacity", value));
+    }
+    for slot_len in ["00000000", "40000000", "64000000", "00000200", "ffffffff"] {
+        let d = hex(&format!("0d00 0100 08000000 | 40000000 {slot_len}"));
+        let value = u32::from_le_bytes(d[12..16].try_into().unwrap()) as u64;
+        fails(&d, 1, bad("FRAME_RING", "slot length", value));
+    }
+    fails(&hex("0d00 0100 04000000 | 40000000"), 1, trunc("FRAME_RING", "slot length"));
+    fails(&hex(DOORBELL), 0, fds(1, 0, 1));
+    fails(&hex("0e00 0100 01000000 | 00"), 1, trailing("DOORBELL", 1));
 }
 
 #[test]
@@ -572,6 +591,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         1 => "\\PC{0,64}".prop_map(|reason| Message::Disconnect { reason }),
         1 => any::<u32>().prop_map(|frames| Message::MaxInflight { frames }),
         1 => (4..=16u32).prop_map(|bits| Message::ReleaseRing { capacity: 1 << bits }),
+        1 => (2..=12u32, 2..=1024u32).prop_map(|(bits, lines)| Message::FrameRing { capacity: 1 << bits, slot_len: lines * 64 }),
+        1 => Just(Message::Doorbell),
         2 => arb_stats().prop_map(Message::Stats),
     ]
 }

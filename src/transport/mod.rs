@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+pub mod frame_ring;
 pub mod ring;
 pub mod unix;
 

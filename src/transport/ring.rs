@@ -20,8 +20,9 @@ use crate::protocol::release_ring::{
     self as layout, pending, room, RingFault, FLAG_RELEASE_ON_SOCKET,
 };
 
-/// A shared read-write mapping of a whole ring.
-struct Mapping {
+/// A shared read-write mapping of a whole ring (also used by the frame ring,
+/// [`super::frame_ring`]).
+pub(super) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -31,7 +32,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    pub(super) fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
         use rustix::mm::{MapFlags, ProtFlags};
         // SAFETY: a new mapping of a file we checked is at least `len` bytes
         // and sealed against shrinking; it does not alias any Rust object.
@@ -50,9 +51,79 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// A new memfd of `len` bytes, sealed against shrinking, growing and
+    /// further seals, mapped; and its fd, to send the other side.
+    pub(super) fn create_sealed(name: &str, len: usize) -> io::Result<(Mapping, OwnedFd)> {
+        let memfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .close_on_exec(true)
+            .create(name)
+            .map_err(|e| io::Error::other(format!("memfd_create: {e}")))?;
+        memfd.as_file().set_len(len as u64)?;
+        memfd
+            .add_seals(&[
+                memfd::FileSeal::SealShrink,
+                memfd::FileSeal::SealGrow,
+                memfd::FileSeal::SealSeal,
+            ])
+            .map_err(|e| io::Error::other(format!("sealing: {e}")))?;
+        let fd = OwnedFd::from(memfd.into_file());
+        let mapping = Mapping::map(fd.as_fd(), len)?;
+        Ok((mapping, fd))
+    }
+
+    /// Maps `len` bytes of a file the other side sent, which must be sealed
+    /// against shrinking and at least that large.
+    pub(super) fn map_checked(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        if !bufshare_backends::share::is_sealed_against_shrink(fd) {
+            return Err(io::Error::other(
+                "ring memfd is not sealed against shrinking",
+            ));
+        }
+        let size = bufshare_backends::fd_size(fd)?;
+        if size < len as u64 {
+            return Err(io::Error::other(format!(
+                "ring memfd has {size} bytes, the ring needs {len}"
+            )));
+        }
+        Mapping::map(fd, len)
+    }
+
+    /// Copies `bytes` into the mapping at `offset` (in bounds, or a panic).
+    /// A plain copy, not atomics: used for a frame ring slot, which only its
+    /// writer touches until it publishes it. A hostile peer writing the same
+    /// bytes at once only garbles what it will read itself, as with the
+    /// frames' own shared memory.
+    pub(super) fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len, "ring offset {offset}");
+        // SAFETY: in bounds (checked); the mapping lives as long as `self`
+        // and no Rust reference into it exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
+
+    /// Copies `out.len()` bytes from the mapping at `offset` (in bounds, or a
+    /// panic); see [`Self::write_bytes`]. What is read is checked after.
+    pub(super) fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len, "ring offset {offset}");
+        // SAFETY: as in write_bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+    }
+
     /// The u64 at byte `offset`: in bounds and aligned, or a panic (offsets
     /// come from the layout module, which masks every index).
-    fn word(&self, offset: usize) -> &AtomicU64 {
+    pub(super) fn word(&self, offset: usize) -> &AtomicU64 {
         assert!(
             offset.is_multiple_of(8) && offset + 8 <= self.len,
             "ring offset {offset}"
@@ -85,21 +156,7 @@ impl ProducerRing {
     pub fn create(capacity: u32, release_on_socket: bool) -> io::Result<(ProducerRing, OwnedFd)> {
         assert!(layout::valid_capacity(capacity));
         let len = layout::ring_len(capacity);
-        let memfd = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .close_on_exec(true)
-            .create("bufshare-release-ring")
-            .map_err(|e| io::Error::other(format!("memfd_create: {e}")))?;
-        memfd.as_file().set_len(len as u64)?;
-        memfd
-            .add_seals(&[
-                memfd::FileSeal::SealShrink,
-                memfd::FileSeal::SealGrow,
-                memfd::FileSeal::SealSeal,
-            ])
-            .map_err(|e| io::Error::other(format!("sealing: {e}")))?;
-        let fd = OwnedFd::from(memfd.into_file());
-        let mapping = Mapping::map(fd.as_fd(), len)?;
+        let (mapping, fd) = Mapping::create_sealed("bufshare-release-ring", len)?;
         let ring = ProducerRing {
             mapping,
             capacity,
@@ -190,19 +247,8 @@ impl ConsumerRing {
             )));
         }
         let len = layout::ring_len(capacity);
-        if !bufshare_backends::share::is_sealed_against_shrink(fd) {
-            return Err(io::Error::other(
-                "ring memfd is not sealed against shrinking",
-            ));
-        }
-        let size = bufshare_backends::fd_size(fd)?;
-        if size < len as u64 {
-            return Err(io::Error::other(format!(
-                "ring memfd has {size} bytes, {capacity} slots need {len}"
-            )));
-        }
         Ok(ConsumerRing {
-            mapping: Mapping::map(fd, len)?,
+            mapping: Mapping::map_checked(fd, len)?,
             capacity,
             write: Mutex::new(0),
         })
