@@ -20,7 +20,7 @@ mod common;
 
 #[cfg(feature = "ucx")]
 mod with_ucx {
-    use super::common::{self, Proc, TempDir};
+    use super::common::{self, free_port, Proc, TempDir};
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::io::Write;
@@ -38,15 +38,6 @@ mod with_ucx {
 
     fn serial() -> std::sync::MutexGuard<'static, ()> {
         SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A TCP port free right now on 127.0.0.1.
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     /// Whether something listens on TCP `port` (any address), from /proc/net/tcp{,6}.

@@ -360,3 +360,21 @@ pub fn wait_for_consumers(path: &Path, consumers: usize, limit: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range
+/// (32768-60999 by default). A port from `bind(0)` comes from that range, and
+/// once released it can be taken at any moment as the source port of some
+/// other connection (UCX opens several), so that a server then fails to bind
+/// it; ports below the range are only ever taken on purpose.
+pub fn free_port() -> u16 {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    (0..COUNT)
+        .map(|i| (FIRST + seed.wrapping_add(i) % COUNT) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("no free TCP port in 20000-31999")
+}
