@@ -516,27 +516,38 @@ impl Connection {
                 }
                 continue;
             }
-            match self.channel.recv(&mut self.buf) {
-                Ok(Received::Message { len, fds }) => {
-                    let msg = protocol::decode(&self.buf[..len], fds.len())
-                        .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
-                    self.socket_taken += 1;
-                    return Ok((msg, fds));
-                }
-                Ok(Received::Closed) => return Err(ReceiveError::ProducerGone),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    // The producer closed with our RELEASEs unread. The kernel
-                    // reports that once, before the messages it sent us that
-                    // are still queued: read those (frames, caps, EOS, the
-                    // reason it dropped us) to the end before calling it gone.
-                    self.releaser.closed.store(true, Ordering::SeqCst);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    return Err(ReceiveError::Protocol(e.to_string()))
-                }
-                Err(e) => return Err(ReceiveError::Io(e)),
+            if let Some(read) = self.read_socket()? {
+                let (msg, fds) = read?;
+                self.socket_taken += 1;
+                return Ok((msg, fds));
             }
+        }
+    }
+
+    /// One read of the socket: a message (or the producer's close, as
+    /// `Some(Err(ProducerGone))`), `None` when there was nothing to read
+    /// after all, or the error that ends the connection.
+    fn read_socket(&mut self) -> Result<Option<SocketMessage>, ReceiveError> {
+        match self.channel.recv(&mut self.buf) {
+            Ok(Received::Message { len, fds }) => {
+                let msg = protocol::decode(&self.buf[..len], fds.len())
+                    .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+                Ok(Some(Ok((msg, fds))))
+            }
+            Ok(Received::Closed) => Ok(Some(Err(ReceiveError::ProducerGone))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                // The producer closed with our RELEASEs unread. The kernel
+                // reports that once, before the messages it sent us that
+                // are still queued: read those (frames, caps, EOS, the
+                // reason it dropped us) to the end before calling it gone.
+                self.releaser.closed.store(true, Ordering::SeqCst);
+                Ok(None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(ReceiveError::Protocol(e.to_string()))
+            }
+            Err(e) => Err(ReceiveError::Io(e)),
         }
     }
 
@@ -622,22 +633,8 @@ impl Connection {
                 }
                 continue;
             }
-            match self.channel.recv(&mut self.buf) {
-                Ok(Received::Message { len, fds }) => {
-                    let msg = protocol::decode(&self.buf[..len], fds.len())
-                        .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
-                    self.held = Some(Box::new(Ok((msg, fds))));
-                }
-                Ok(Received::Closed) => self.held = Some(Box::new(Err(ReceiveError::ProducerGone))),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    // As in recv_message: read what is still queued.
-                    self.releaser.closed.store(true, Ordering::SeqCst);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    return Err(ReceiveError::Protocol(e.to_string()))
-                }
-                Err(e) => return Err(ReceiveError::Io(e)),
+            if let Some(read) = self.read_socket()? {
+                self.held = Some(Box::new(read));
             }
         }
     }
