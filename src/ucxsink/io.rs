@@ -107,8 +107,9 @@ pub struct Status {
     pub sends_copied: u64,
     /// EOS went out and every send to a receiver completed.
     pub eos_flushed: bool,
-    /// Some ready receiver has room in its grant, or there is no ready receiver.
-    pub room: bool,
+    /// Frames the roomiest ready receiver can still take within its grant (`u32::MAX` with
+    /// no ready receiver): a render that waits for room may queue this many.
+    pub room: u32,
 }
 
 /// What the streaming thread and the I/O thread share.
@@ -159,7 +160,7 @@ impl Server {
             waker,
             quit: AtomicBool::new(false),
             status: Mutex::new(Status {
-                room: true,
+                room: u32::MAX,
                 ..Status::default()
             }),
             cond: Condvar::new(),
@@ -202,15 +203,18 @@ impl Server {
         true
     }
 
-    /// Waits until the previous frame was taken by the I/O thread and a receiver has room in
-    /// its grant (or none is connected). False: `cancel` was set (unlock) or the thread quit.
+    /// Waits until a receiver has room in its grant for this frame and those queued before it
+    /// (or none is connected), and the queue has a place (so no queued frame is dropped): the
+    /// streaming thread runs ahead of the I/O thread by up to that many frames instead of
+    /// waiting for it to take each one. False: `cancel` was set (unlock) or the thread quit.
     pub fn wait_for_room(&self, cancel: &AtomicBool) -> bool {
         let mut st = self.shared.status.lock().unwrap();
         loop {
             if cancel.load(Ordering::SeqCst) || self.shared.quit.load(Ordering::SeqCst) {
                 return false;
             }
-            if st.room && self.shared.frames_queued.load(Ordering::SeqCst) == 0 {
+            let queued = self.shared.frames_queued.load(Ordering::SeqCst);
+            if queued < MAX_QUEUED_FRAMES && (queued as u64) < u64::from(st.room) {
                 return true;
             }
             // The timeout only bounds a missed wake-up.
@@ -977,10 +981,14 @@ impl Io {
         self.shared.room_cond.notify_all();
     }
 
-    /// Some ready receiver has room in its grant, or there is none.
-    fn room(&self) -> bool {
-        let mut ready = self.peers.iter().filter(|p| p.ready).peekable();
-        ready.peek().is_none() || ready.any(|p| (p.inflight.len() as u32) < p.granted)
+    /// Frames the roomiest ready receiver can still take in its grant (u32::MAX: none is ready).
+    fn room(&self) -> u32 {
+        self.peers
+            .iter()
+            .filter(|p| p.ready)
+            .map(|p| p.granted.saturating_sub(p.inflight.len() as u32))
+            .max()
+            .unwrap_or(u32::MAX)
     }
 
     fn shutdown(&mut self) {
