@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::chart::MeshStyle;
+use plotters::coord::combinators::WithKeyPoints;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
@@ -890,7 +891,6 @@ fn link_rate(rows: &[LinkRow], note: &str, path: &Path) -> Result<(), String> {
         ],
     )?;
     let labels: Vec<String> = sizes.iter().map(|&(w, h)| size_label(w, h)).collect();
-    let x_range = (-0.5, sizes.len() as f64 - 0.5);
     type Figure = fn(&LinkRow) -> Option<f64>;
     let panels: [(&str, &str, Figure); 2] = [
         (
@@ -928,30 +928,7 @@ fn link_rate(rows: &[LinkRow], note: &str, path: &Path) -> Result<(), String> {
         let values = || series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1));
         let lo = values().fold(f64::INFINITY, f64::min);
         let hi = values().fold(0f64, f64::max);
-        let (lo, hi) = log_bounds(lo.max(0.1), hi);
-        let labels = labels.clone();
-        let mut chart = builder(area, caption)
-            .build_cartesian_2d(
-                ticked(
-                    x_range.0..x_range.1,
-                    (0..sizes.len()).map(|i| i as f64).collect(),
-                ),
-                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            )
-            .map_err(text)?;
-        let mut mesh = chart.configure_mesh();
-        mesh_style(&mut mesh);
-        mesh.x_desc("NV12 frame")
-            .y_desc(y_desc)
-            .x_label_formatter(&|x| {
-                labels
-                    .get(x.round().max(0.0) as usize)
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .y_label_formatter(&|y| number(*y))
-            .draw()
-            .map_err(text)?;
+        let mut chart = size_log_panel(area, caption, &labels, "NV12 frame", y_desc, (lo, hi))?;
         for (t, points) in &series {
             let c = color(*t);
             chart
@@ -963,6 +940,43 @@ fn link_rate(rows: &[LinkRow], note: &str, path: &Path) -> Result<(), String> {
         }
     }
     root.present().map_err(text)
+}
+
+/// A panel with one column per frame size (`labels`) and a log scale from `lo` to `hi`
+/// (widened to whole ticks), its mesh drawn: link-rate.png and cross-host.png.
+fn size_log_panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    labels: &[String],
+    x_desc: &str,
+    y_desc: &str,
+    (lo, hi): (f64, f64),
+) -> Result<
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Ticked, WithKeyPoints<LogCoord<f64>>>>,
+    String,
+> {
+    let (lo, hi) = log_bounds(lo.max(0.1), hi);
+    let n = labels.len();
+    let mut chart = builder(area, caption)
+        .build_cartesian_2d(
+            ticked(-0.5..n as f64 - 0.5, (0..n).map(|i| i as f64).collect()),
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+        )
+        .map_err(text)?;
+    let mut mesh = chart.configure_mesh();
+    mesh_style(&mut mesh);
+    mesh.x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| {
+            labels
+                .get(x.round().max(0.0) as usize)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .y_label_formatter(&|y| number(*y))
+        .draw()
+        .map_err(text)?;
+    Ok(chart)
 }
 
 /// (x, median, min, max) of each transport, for the panels of cross-host.png.
@@ -1001,7 +1015,6 @@ fn cross_host(p3: &part3::Saved, note: &str, path: &Path) -> Result<(), String> 
         ],
     )?;
     let labels: Vec<String> = sizes.iter().map(|&(w, h)| size_label(w, h)).collect();
-    let x_range = (-0.5, sizes.len() as f64 - 0.5);
     type Figure = for<'a, 'b> fn(&'a part3::Point<'b>) -> Option<part3::Spread>;
     let panels: [(&str, &str, Figure); 2] = [
         (
@@ -1045,30 +1058,14 @@ fn cross_host(p3: &part3::Saved, note: &str, path: &Path) -> Result<(), String> 
             .iter()
             .flat_map(|(_, p)| p.iter().map(|q| q.3))
             .fold(0f64, f64::max);
-        let (lo, hi) = log_bounds(lo.max(0.1), hi);
-        let labels = labels.clone();
-        let mut chart = builder(area, caption)
-            .build_cartesian_2d(
-                ticked(
-                    x_range.0..x_range.1,
-                    (0..sizes.len()).map(|i| i as f64).collect(),
-                ),
-                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            )
-            .map_err(text)?;
-        let mut mesh = chart.configure_mesh();
-        mesh_style(&mut mesh);
-        mesh.x_desc("frame (NV12; I420 for rtp, the same size)")
-            .y_desc(y_desc)
-            .x_label_formatter(&|x| {
-                labels
-                    .get(x.round().max(0.0) as usize)
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .y_label_formatter(&|y| number(*y))
-            .draw()
-            .map_err(text)?;
+        let mut chart = size_log_panel(
+            area,
+            caption,
+            &labels,
+            "frame (NV12; I420 for rtp, the same size)",
+            y_desc,
+            (lo, hi),
+        )?;
         let k = series.len() as f64;
         for (i, (l, pts)) in series.iter().enumerate() {
             let c = link_color(*l);
