@@ -942,6 +942,10 @@ fn link_rate(rows: &[LinkRow], note: &str, path: &Path) -> Result<(), String> {
     root.present().map_err(text)
 }
 
+/// A chart with frame sizes across and a log scale up.
+type SizeLogChart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Ticked, WithKeyPoints<LogCoord<f64>>>>;
+
 /// A panel with one column per frame size (`labels`) and a log scale from `lo` to `hi`
 /// (widened to whole ticks), its mesh drawn: link-rate.png and cross-host.png.
 fn size_log_panel<'a, 'b>(
@@ -951,10 +955,7 @@ fn size_log_panel<'a, 'b>(
     x_desc: &str,
     y_desc: &str,
     (lo, hi): (f64, f64),
-) -> Result<
-    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Ticked, WithKeyPoints<LogCoord<f64>>>>,
-    String,
-> {
+) -> Result<SizeLogChart<'a, 'b>, String> {
     let (lo, hi) = log_bounds(lo.max(0.1), hi);
     let n = labels.len();
     let mut chart = builder(area, caption)
