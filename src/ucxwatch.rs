@@ -17,7 +17,7 @@
 //!   connection request within [`GRACE`] is warned about once, naming the peer's address.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -301,7 +301,10 @@ fn tcp_connections(mine: impl Fn(SocketAddr) -> bool) -> Vec<TcpConn> {
         };
         // The fd may have been closed (and reused) since the listing: then the answers are
         // about another socket, or errors; either way only a report is affected.
-        let (Some(local), Some(remote)) = (sock_addr(fd, false), sock_addr(fd, true)) else {
+        let (Some(local), Some(remote)) = (
+            ucx::socket_address(fd, false),
+            ucx::socket_address(fd, true),
+        ) else {
             continue;
         };
         if !mine(local) {
@@ -345,41 +348,6 @@ fn tcp_state(fd: i32) -> Option<u8> {
             &mut len,
         );
         (r == 0).then_some(info.tcpi_state)
-    }
-}
-
-fn sock_addr(fd: i32, peer: bool) -> Option<SocketAddr> {
-    // SAFETY: zeroed sockaddr_storage is valid; len is its size; a closed or non-socket fd
-    // only makes the call fail.
-    unsafe {
-        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
-        let r = if peer {
-            libc::getpeername(fd, p, &mut len)
-        } else {
-            libc::getsockname(fd, p, &mut len)
-        };
-        if r != 0 {
-            return None;
-        }
-        match ss.ss_family as libc::c_int {
-            libc::AF_INET => {
-                let sin = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                Some(SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
-                    u16::from_be(sin.sin_port),
-                ))
-            }
-            libc::AF_INET6 => {
-                let sin6 = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                Some(SocketAddr::new(
-                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)),
-                    u16::from_be(sin6.sin6_port),
-                ))
-            }
-            _ => None,
-        }
     }
 }
 

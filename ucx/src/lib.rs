@@ -46,6 +46,7 @@ pub use context::{Context, ContextBuilder};
 pub use endpoint::{ConnRequest, Endpoint, Listener};
 pub use error::{Error, Result, Status};
 pub use memory::{live_registrations, MemoryRegion, RegionSlice};
+pub use sockaddr::socket_address;
 pub use worker::{AmMessage, Arm, Payload, Proto, Request, RndvData, Worker};
 
 /// The version of the UCX library loaded at run time, as (major, minor, release).

@@ -113,25 +113,6 @@ fn fd_in(message: &str) -> Option<i32> {
     rest[..end].parse().ok().filter(|fd| *fd >= 0)
 }
 
-fn sock_addr(fd: i32, peer: bool) -> Option<SocketAddr> {
-    // SAFETY: zeroed sockaddr_storage is valid; len is its size; a closed or non-socket fd
-    // only makes the call fail.
-    unsafe {
-        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let p = &mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr;
-        let r = if peer {
-            libc::getpeername(fd, p, &mut len)
-        } else {
-            libc::getsockname(fd, p, &mut len)
-        };
-        if r != 0 {
-            return None;
-        }
-        crate::sockaddr::from_ptr(&ss)
-    }
-}
-
 unsafe extern "C" fn dispatch(
     file: *const c_char,
     line: c_uint,
@@ -181,8 +162,8 @@ unsafe fn handle(
         function: str_of(function),
         message: &message,
         fd,
-        local: fd.and_then(|fd| sock_addr(fd, false)),
-        peer: fd.and_then(|fd| sock_addr(fd, true)),
+        local: fd.and_then(|fd| crate::socket_address(fd, false)),
+        peer: fd.and_then(|fd| crate::socket_address(fd, true)),
     };
     // A panic must not unwind into C.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&record))) {

@@ -52,3 +52,24 @@ pub(crate) unsafe fn from_ptr(ss: *const libc::sockaddr_storage) -> Option<Socke
         _ => None,
     }
 }
+
+/// The local (`peer` false) or remote address of socket `fd`; `None` if `fd` is not an
+/// IPv4/IPv6 socket (or not connected, for the peer).
+pub fn socket_address(fd: std::os::fd::RawFd, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is valid; len is its size; a closed or non-socket fd
+    // only makes the call fail.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = mem::zeroed();
+        let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+        let r = if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        };
+        if r != 0 {
+            return None;
+        }
+        from_ptr(&ss)
+    }
+}
