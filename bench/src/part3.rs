@@ -461,12 +461,7 @@ fn measure(
         spawn_sender(&mut fleet).and_then(|_| spawn_receiver(&mut fleet).map(|r| ids.push(r)))
     };
     match setup {
-        Ok(()) => {
-            sleep(ctx.warmup);
-            fleet.broadcast("start");
-            sleep(Duration::from_secs_f64(seconds));
-            fleet.broadcast("stop");
-        }
+        Ok(()) => fleet.measure(ctx.warmup, seconds),
         Err(e) => errors.push(e),
     }
     let reports = fleet.finish_all(&ids);

@@ -216,6 +216,15 @@ impl Fleet {
         }
     }
 
+    /// The measurement of a run: lets the children warm up for `warmup`, then
+    /// opens their window (`start`) for `seconds` and closes it (`stop`).
+    pub fn measure(&mut self, warmup: Duration, seconds: f64) {
+        std::thread::sleep(warmup);
+        self.broadcast("start");
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        self.broadcast("stop");
+    }
+
     /// Tells a child to quit, waits for it (killing it after a timeout) and
     /// returns its report. A child that crashed, had to be killed or exited
     /// non-zero has errors in its report.

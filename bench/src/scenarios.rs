@@ -30,7 +30,6 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::thread::sleep;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -190,12 +189,7 @@ fn execute(ctx: &Context, label: &str, plan: Plan, seconds: f64) -> Outcome {
     };
     let mut errors = Vec::new();
     match setup() {
-        Ok(()) => {
-            sleep(ctx.warmup);
-            fleet.broadcast("start");
-            sleep(Duration::from_secs_f64(seconds));
-            fleet.broadcast("stop");
-        }
+        Ok(()) => fleet.measure(ctx.warmup, seconds),
         Err(e) => errors.push(e),
     }
     let reports = fleet.finish_all(&consumers);
