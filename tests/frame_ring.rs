@@ -290,14 +290,7 @@ fn a_producer_without_the_ring_still_feeds_a_consumer_that_asks_for_it() {
     // The script runs beside the consumer: bufsharesrc waits for the
     // handshake as it starts.
     let script = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let c = loop {
-            if let Some(c) = listener.accept().unwrap() {
-                break c;
-            }
-            assert!(Instant::now() < deadline, "bufsharesrc never connected");
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let c = common::accept_within(&listener, Duration::from_secs(10), "bufsharesrc");
         let send = |m: &Message| c.send(&protocol::encode(m), &[]).unwrap();
         send(&Message::Hello(Hello {
             version: protocol::VERSION,

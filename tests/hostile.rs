@@ -973,18 +973,8 @@ fn run_hostile_producer(case: &'static ProducerCase) -> String {
     // The producer runs on its own thread: the consumer's start blocks until
     // the handshake is over.
     let producer = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let c = loop {
-            if let Some(c) = listener.accept().unwrap() {
-                break c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: consumer never connected",
-                case.name
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let who = format!("{}: consumer", case.name);
+        let c = common::accept_within(&listener, Duration::from_secs(10), &who);
         assert!(
             matches!(recv_msg(&c), Some((Message::Hello(h), _)) if h.role == Role::Consumer),
             "{}: no HELLO from the consumer",

@@ -378,3 +378,20 @@ pub fn free_port() -> u16 {
         .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
         .expect("no free TCP port in 20000-31999")
 }
+
+/// The first connection to `listener` (non-blocking), polled every 5 ms;
+/// panics naming `who` if none came within `limit`.
+pub fn accept_within(
+    listener: &gstbufshare::transport::unix::Listener,
+    limit: Duration,
+    who: &str,
+) -> UnixChannel {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(c) = listener.accept().unwrap() {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "{who} never connected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
