@@ -463,8 +463,14 @@ impl Connection {
         for msg in [&hello, &ask] {
             if let Err(e) = conn.channel.send(msg, &[]) {
                 // A producer that refused us may already have closed; its REFUSE
-                // is still waiting to be read, and says why.
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                // is still waiting to be read, and says why. One that closed
+                // with our HELLO unread (reset) said nothing: the read below
+                // finds the end, ProducerGone, which a reconnecting consumer
+                // retries.
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) {
                     return Err(ReceiveError::Io(e));
                 }
             }
